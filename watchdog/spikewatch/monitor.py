@@ -1,0 +1,97 @@
+"""The monitor: records in, decisions out. The same object runs embedded and in the service."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from spikewatch.channel import MetricChannel
+from spikewatch.incidents import Incident
+from spikewatch.policy import Policy
+from spikewatch.records import Decision, Signal, StepRecord
+from spikewatch.settings import MonitorConfig
+
+
+class Monitor:
+    """Watches one run: stage-1 detectors on every record, stage-2 confirmation, policy.
+
+    Example:
+        >>> import random
+        >>> rng = random.Random(7)
+        >>> mon = Monitor(run="demo")
+        >>> actions = []
+        >>> for step in range(400):
+        ...     loss = 4.0 - 0.002 * step + rng.gauss(0, 0.03)
+        ...     if step == 200:
+        ...         loss += 2.0                      # one bad batch
+        ...     if step >= 300:
+        ...         loss += 1.5                      # the run jumps and stays up
+        ...     for d in mon.observe(StepRecord(run="demo", step=step, loss=loss)):
+        ...         actions.append((d.step, d.action, d.signal.kind))
+        >>> actions
+        [(200, 'watch', 'spike'), (208, 'watch', 'spike'), (300, 'watch', 'spike'), (315, 'rollback', 'level_shift')]
+        >>> [(i.kind, i.onset_step, i.end_step, i.transient, i.action) for i in mon.incidents]
+        [('spike', 200, 200, True, 'watch'), ('level_shift', 300, None, False, 'rollback')]
+    """
+
+    def __init__(
+        self,
+        run: str = "run",
+        config: MonitorConfig | None = None,
+        *,
+        policy: Policy | None = None,
+    ) -> None:
+        self.run = run
+        self.config = config or MonitorConfig()
+        self.policy = policy or Policy(self.config.policy)
+        self.loss = MetricChannel(run, "loss", self.config)
+        self.grad_norm = MetricChannel(run, "grad_norm", self.config)
+        self._incidents: dict[str, Incident] = {}
+        self.records = 0
+        self.last_step: int | None = None
+
+    @property
+    def incidents(self) -> list[Incident]:
+        """Every incident so far, in the order they opened."""
+        return list(self._incidents.values())
+
+    def observe(self, record: StepRecord) -> list[Decision]:
+        """Run one record through detectors and policy; return the decisions it caused."""
+        self.records += 1
+        self.last_step = record.step
+        signals = self.loss.update(record.step, record.loss)
+        if record.grad_norm is not None:
+            signals += self.grad_norm.update(record.step, record.grad_norm)
+        return self._decide(signals)
+
+    def flush(self) -> list[Decision]:
+        """Confirm pending episodes with the data so far (call at the end of a replay)."""
+        return self._decide(self.loss.flush() + self.grad_norm.flush())
+
+    def _decide(self, signals: list[Signal]) -> list[Decision]:
+        decisions = [self.policy.decide(s) for s in signals]
+        for d in decisions:
+            assert d.signal is not None
+            incident = self._incidents.get(d.signal.incident)
+            if incident is None:
+                self._incidents[d.signal.incident] = Incident.open(d)
+            else:
+                incident.fold(d)
+        return decisions
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable state of detectors and policy (incidents are history, kept)."""
+        return {
+            "loss": self.loss.state_dict(),
+            "grad_norm": self.grad_norm.state_dict(),
+            "policy": self.policy.state_dict(),
+            "records": self.records,
+            "last_step": self.last_step,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore detectors and policy, e.g. rewinding with a rollback."""
+        self.loss.load_state_dict(state["loss"])
+        self.grad_norm.load_state_dict(state["grad_norm"])
+        self.policy.load_state_dict(state["policy"])
+        self.records = int(state["records"])
+        self.last_step = state["last_step"]

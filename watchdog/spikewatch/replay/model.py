@@ -1,0 +1,58 @@
+"""Data shapes of a replay: the curve read from a file and the report of what was found."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Curve:
+    """A logged training curve, one entry per logged step (steps strictly increasing).
+
+    ``grad_norm`` / ``lr`` are None when the file has no such column; single missing
+    entries inside a present column are NaN.
+    """
+
+    path: str
+    format: str
+    steps: list[int]
+    loss: list[float]
+    grad_norm: list[float] | None = None
+    lr: list[float] | None = None
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+
+@dataclass
+class ReplayEvent:
+    """One incident found in a curve (the `--json` event shape, plus a few extra keys)."""
+
+    kind: str
+    metric: str
+    onset_step: int
+    peak_step: int
+    end_step: int | None
+    transient: bool
+    score: float
+    action: str
+    detected_step: int
+    reason: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        """Return a dict of JSON types."""
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class ReplayReport:
+    """Everything a replay found; ``to_json`` is the `spikewatch replay --json` output."""
+
+    points: int
+    events: list[ReplayEvent] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        """Return ``{"points": int, "events": [...]}``."""
+        return {"points": self.points, "events": [e.to_json() for e in self.events]}
