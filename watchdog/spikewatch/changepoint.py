@@ -56,9 +56,7 @@ class ChangePointLocaliser:
         (60, None, False)
     """
 
-    def __init__(
-        self, *, penalty: float = 3.0, elevated: float = 4.0, min_points: int = 8
-    ) -> None:
+    def __init__(self, *, penalty: float = 3.0, elevated: float = 4.0, min_points: int = 8) -> None:
         self.penalty = check_float("penalty", penalty, minimum=0.0, inclusive=False)
         self.elevated = check_float("elevated", elevated, minimum=0.0)
         self.min_points = check_int("min_points", min_points, minimum=3)
@@ -78,7 +76,7 @@ class ChangePointLocaliser:
         line = baseline + self.elevated * spread
         clean = _finite_or(values, ceiling=baseline + 1e3 * spread)
         bkps = self._breakpoints(clean, spread)
-        segments = list(zip((0, *bkps[:-1]), bkps))
+        segments = list(zip((0, *bkps[:-1]), bkps, strict=True))
         up = [statistics.median(clean[a:b]) > line for a, b in segments]
         k = next(i for i, (a, b) in enumerate(segments) if a <= candidate < b)
         if not up[k]:  # ruptures merged the candidate away: judge it alone
@@ -90,7 +88,8 @@ class ChangePointLocaliser:
             last += 1
         onset, stop = segments[first][0], segments[last][1]
         peak = max(range(onset, stop), key=clean.__getitem__)
-        return _finish(clean, onset, peak, stop, line, baseline, tuple(bkps))
+        final = statistics.median(clean[segments[last][0] : stop])
+        return _finish(clean, onset, peak, stop, levels=(line, baseline, final), bkps=tuple(bkps))
 
     def _breakpoints(self, clean: list[float], spread: float) -> list[int]:
         n = len(clean)
@@ -107,7 +106,8 @@ class ChangePointLocaliser:
         stop = i + 1
         while stop < len(clean) and clean[stop] > line:
             stop += 1
-        return _finish(clean, i, i, stop, line, baseline, tuple(bkps))
+        final = statistics.median(clean[min(i + 1, stop - 1) : stop])
+        return _finish(clean, i, i, stop, levels=(line, baseline, final), bkps=tuple(bkps))
 
 
 def _finish(
@@ -115,13 +115,15 @@ def _finish(
     onset: int,
     peak: int,
     stop: int,
-    line: float,
-    baseline: float,
+    *,
+    levels: tuple[float, float, float],
     bkps: tuple[int, ...],
 ) -> Localisation:
+    """Build the result; ``levels`` is (elevated line, baseline, level of the last segment)."""
+    line, baseline, final = levels
     after = clean[stop:]
-    if not after:
-        return Localisation(onset, peak, None, False, clean[peak] - baseline, bkps)
+    if not after:  # still elevated when the window ends: the shift is the final level
+        return Localisation(onset, peak, None, False, final - baseline, bkps)
     level = statistics.median(after)
     return Localisation(onset, peak, stop - 1, level <= line, level - baseline, bkps)
 

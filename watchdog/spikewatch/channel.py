@@ -57,9 +57,7 @@ class MetricChannel:
             self.drift = PageHinkleyDetector(
                 delta=config.drift_delta, threshold=config.drift_threshold
             )
-        self.localiser = ChangePointLocaliser(
-            penalty=config.cpd_penalty, elevated=config.elevated
-        )
+        self.localiser = ChangePointLocaliser(penalty=config.cpd_penalty, elevated=config.elevated)
         keep = config.pre_window + config.max_consecutive + config.confirm_after + 2
         self._history: deque[tuple[int, float]] = deque(maxlen=keep)
         self._count = 0
@@ -97,7 +95,12 @@ class MetricChannel:
         return [self._confirm(self._history[-1][0])]
 
     def _on_flag(self, step: int, value: float) -> list[Signal]:
+        out: list[Signal] = []
         ep = self._episode
+        if ep is not None and ep.after >= 2:
+            # The curve was back to normal in between: a new excursion, not the same one.
+            out.append(self._confirm(self._history[-2][0], drop_last=True))
+            ep = None
         if ep is None:
             ep = self._episode = _Episode(
                 first_step=step,
@@ -108,23 +111,23 @@ class MetricChannel:
                 baseline=self.spike.baseline,
                 spread=self.spike.spread,
             )
-            signal = [self._streaming(step, value)]
+            out.append(self._streaming(step, value))
         else:
             ep.after = 0
             if value > ep.peak_value:
                 ep.peak_step, ep.peak_value = step, value
             ep.score = max(ep.score, self.spike.score)
-            signal = []
         if self.spike.level_shift:
-            signal.append(self._confirm(step))
-        return signal
+            out.append(self._confirm(step))
+        return out
 
     def _on_accepted(self, step: int) -> list[Signal]:
         if self.drift is None or not self.spike.ready or self.spike.in_warmup:
             return []
         level = self.spike.level
-        if level < self._best_level:
-            self._best_level, self._best_step = level, step
+        self._best_level = min(self._best_level, level)
+        if level <= self._best_level + self.spike.spread:
+            self._best_step = step  # the last step the curve was still at its best
         before = self.drift.statistic
         if self.drift.update(self.spike.score):
             # Page-Hinkley alone trips on healthy bumps of tight curves; a divergence
@@ -136,13 +139,13 @@ class MetricChannel:
             self._drift_onset = step
         return []
 
-    def _confirm(self, step: int) -> Signal:
+    def _confirm(self, step: int, *, drop_last: bool = False) -> Signal:
         ep = self._episode
         assert ep is not None  # only called with a pending episode
         self._episode = None
         oldest = self._count - len(self._history)
         start = max(ep.first_index - self.config.pre_window, oldest) - oldest
-        window = list(self._history)[start:]
+        window = list(self._history)[start : len(self._history) - int(drop_last)]
         values = [v for _, v in window]
         loc = self.localiser.localise(
             values, ep.first_index - oldest - start, baseline=ep.baseline, spread=ep.spread
@@ -194,8 +197,8 @@ class MetricChannel:
         )
 
     def _divergence_signal(self, step: int) -> Signal:
-        # The level is a rolling median lagging half a window: the curve was last at its
-        # best about that long before the best level was recorded.
+        # The level is a rolling median lagging half a window: the curve left its best
+        # level about that long before the level did.
         onset = min(self._drift_onset, self._best_step - self.config.window // 2, step)
         onset = max(onset, self._first_step)
         return Signal(

@@ -27,8 +27,9 @@ class Monitor:
         ...         loss += 1.5                      # the run jumps and stays up
         ...     for d in mon.observe(StepRecord(run="demo", step=step, loss=loss)):
         ...         actions.append((d.step, d.action, d.signal.kind))
-        >>> actions
-        [(200, 'watch', 'spike'), (208, 'watch', 'spike'), (300, 'watch', 'spike'), (315, 'rollback', 'level_shift')]
+        >>> actions  # doctest: +NORMALIZE_WHITESPACE
+        [(200, 'watch', 'spike'), (208, 'watch', 'spike'),
+         (300, 'watch', 'spike'), (315, 'rollback', 'level_shift')]
         >>> [(i.kind, i.onset_step, i.end_step, i.transient, i.action) for i in mon.incidents]
         [('spike', 200, 200, True, 'watch'), ('level_shift', 300, None, False, 'rollback')]
     """

@@ -23,9 +23,7 @@ def check_int(field: str, value: object, minimum: int) -> int:
     return value
 
 
-def check_float(
-    field: str, value: object, minimum: float, *, inclusive: bool = True
-) -> float:
+def check_float(field: str, value: object, minimum: float, *, inclusive: bool = True) -> float:
     """Return ``value`` as a finite float >= (or >) ``minimum``, else raise `ConfigError`.
 
     Example:

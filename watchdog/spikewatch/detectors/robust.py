@@ -6,8 +6,8 @@ import math
 from collections import deque
 from typing import Any
 
-from spikewatch.errors import bad_value
 from spikewatch.detectors.window import MAD_TO_SIGMA, RollingWindow
+from spikewatch.errors import bad_value
 from spikewatch.validation import check_float, check_int
 
 
@@ -52,7 +52,7 @@ class RobustSpikeDetector:
         min_history: int = 20,
         max_consecutive: int = 25,
         trend: bool = True,
-        relative_floor: float = 1e-4,
+        relative_floor: float = 1e-6,
     ) -> None:
         self.window = check_int("window", window, minimum=4)
         self.threshold = check_float("threshold", threshold, minimum=0.0, inclusive=False)
@@ -150,13 +150,22 @@ class RobustSpikeDetector:
     def _standardise(self, x: float) -> float:
         median = self._window.median()
         baseline = median
+        mad = None
         if self.trend:
             slope = self._window.slope()
             if slope < 0.0:  # follow a falling loss; never chase a rising one
-                baseline = median + slope * (len(self._window) + 1) / 2.0
+                # Extrapolating a sudden drop as a slope would put the baseline far below
+                # the new level, so never go below the median of the newest values.
+                projected = median + slope * (len(self._window) + 1) / 2.0
+                baseline = max(projected, self._window.recent_median())
+                # A trend inflates the plain MAD; noise in the slope estimate inflates the
+                # detrended one. Each only errs upward, so the smaller is the cleaner.
+                mad = min(self._window.mad(), self._window.detrended_mad(slope))
+        if mad is None:
+            mad = self._window.mad()
         floor = max(self.relative_floor * abs(median), 1e-12)
         self._baseline = baseline
-        self._spread = max(MAD_TO_SIGMA * self._window.mad(), floor)
+        self._spread = max(MAD_TO_SIGMA * mad, floor)
         return (x - baseline) / self._spread
 
     def _accept_new_level(self) -> None:

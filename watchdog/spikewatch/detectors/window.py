@@ -65,6 +65,17 @@ class RollingWindow:
         m = self.median()
         return _median_sorted(sorted([abs(v - m) for v in self._sorted]))
 
+    def detrended_mad(self, slope: float) -> float:
+        """MAD of the window after removing a linear trend of ``slope`` per step.
+
+        On a falling curve the plain MAD mixes the trend into the noise and hides
+        spikes; the residuals around the trend line measure the noise alone.
+        """
+        centre = (len(self._values) - 1) / 2.0
+        residuals = sorted([v - slope * (j - centre) for j, v in enumerate(self._values)])
+        m = _median_sorted(residuals)
+        return _median_sorted(sorted([abs(r - m) for r in residuals]))
+
     def slope(self) -> float:
         """Per-step trend: (median of newer half - median of older half) / half length."""
         n = len(self._values)
@@ -74,6 +85,12 @@ class RollingWindow:
         older = sorted(itertools.islice(self._values, 0, half))
         newer = sorted(itertools.islice(self._values, n - half, n))
         return (_median_sorted(newer) - _median_sorted(older)) / (n - half)
+
+    def recent_median(self) -> float:
+        """Median of the newest quarter of the window (at least 3 values)."""
+        n = len(self._values)
+        k = min(n, max(3, n // 4))
+        return _median_sorted(sorted(itertools.islice(self._values, n - k, n)))
 
     def values(self) -> list[float]:
         """The window, oldest first."""

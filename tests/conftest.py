@@ -1,0 +1,27 @@
+"""Shared fixtures: seeded synthetic curves with known spike steps."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_CURVES = REPO.parent / "shared" / "curves"
+
+
+def falling_curve(n: int, *, seed: int = 0, start: float = 4.0, noise: float = 0.03) -> list[float]:
+    """A healthy-looking loss: exponential-ish decay towards a floor, Gaussian noise."""
+    rng = random.Random(seed)
+    return [start * (0.6 + 0.4 * 0.995**t) + rng.gauss(0.0, noise) for t in range(n)]
+
+
+@pytest.fixture
+def healthy() -> list[float]:
+    return falling_curve(1000)
+
+
+@pytest.fixture
+def repo() -> Path:
+    return REPO
