@@ -52,7 +52,7 @@ class RobustSpikeDetector:
         min_history: int = 20,
         max_consecutive: int = 25,
         trend: bool = True,
-        relative_floor: float = 1e-6,
+        relative_floor: float = 1e-9,
     ) -> None:
         self.window = check_int("window", window, minimum=4)
         self.threshold = check_float("threshold", threshold, minimum=0.0, inclusive=False)
