@@ -150,7 +150,7 @@ class RobustSpikeDetector:
     def _standardise(self, x: float) -> float:
         median = self._window.median()
         baseline = median
-        mad = None
+        mad = self._window.mad()
         if self.trend:
             slope = self._window.slope()
             if slope < 0.0:  # follow a falling loss; never chase a rising one
@@ -158,11 +158,11 @@ class RobustSpikeDetector:
                 # the new level, so never go below the median of the newest values.
                 projected = median + slope * (len(self._window) + 1) / 2.0
                 baseline = max(projected, self._window.recent_median())
-                # A trend inflates the plain MAD; noise in the slope estimate inflates the
-                # detrended one. Each only errs upward, so the smaller is the cleaner.
-                mad = min(self._window.mad(), self._window.detrended_mad(slope))
-        if mad is None:
-            mad = self._window.mad()
+            if -slope * len(self._window) > mad:
+                # The trend across the window rivals the noise and inflates the plain MAD;
+                # noise in the slope estimate inflates the detrended one instead. Each only
+                # errs upward, so the smaller is the cleaner.
+                mad = min(mad, self._window.detrended_mad(slope))
         floor = max(self.relative_floor * abs(median), 1e-12)
         self._baseline = baseline
         self._spread = max(MAD_TO_SIGMA * mad, floor)
