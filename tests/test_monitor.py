@@ -8,7 +8,6 @@ from spikewatch.monitor import Monitor
 from spikewatch.records import StepRecord
 from spikewatch.settings import MonitorConfig
 
-
 Row = tuple[int, str, str, str]
 
 
@@ -37,9 +36,11 @@ def test_nan_loss_skips_then_rolls_back() -> None:
         (200, "skip_step", "nonfinite", "loss"),
         (201, "skip_step", "nonfinite", "loss"),
         (202, "rollback", "nonfinite", "loss"),
+        (203, "watch", "nonfinite", "loss"),  # finite again: the episode closes
     ]
     [incident] = mon.incidents
-    assert (incident.kind, incident.onset_step, incident.action) == ("nonfinite", 200, "rollback")
+    assert (incident.kind, incident.onset_step, incident.end_step) == ("nonfinite", 200, 202)
+    assert (incident.action, incident.status, incident.transient) == ("rollback", "closed", True)
 
 
 def test_extreme_grad_norm_skips_the_step() -> None:

@@ -74,10 +74,19 @@ class MetricChannel:
             self._first_step = step
         self._history.append((step, value))
         self._count += 1
+        ended = self.nonfinite.consecutive
         if self.nonfinite.update(value):
             if self.nonfinite.consecutive == 1:
                 self._nonfinite_onset = step
             return [self._nonfinite_signal(step, value)]
+        if ended:  # the values are finite again: close the non-finite episode
+            return [
+                self._nonfinite_signal(step, value, last=self._history[-2][0]),
+                *self._scored(step, value),
+            ]
+        return self._scored(step, value)
+
+    def _scored(self, step: int, value: float) -> list[Signal]:
         flagged = self.spike.update(value)
         if flagged:
             return self._on_flag(step, value)
@@ -182,7 +191,8 @@ class MetricChannel:
             incident=f"{self.metric}-spike-{step}",
         )
 
-    def _nonfinite_signal(self, step: int, value: float) -> Signal:
+    def _nonfinite_signal(self, step: int, value: float, *, last: int | None = None) -> Signal:
+        """A non-finite value (streaming) or, with ``last``, the end of a run of them."""
         return Signal(
             run=self.run,
             kind="nonfinite",
@@ -192,7 +202,10 @@ class MetricChannel:
             score=0.0,
             baseline=self.spike.baseline,
             onset_step=self._nonfinite_onset,
-            peak_step=step,
+            peak_step=step if last is None else last,
+            end_step=last,
+            transient=None if last is None else True,
+            stage="streaming" if last is None else "confirmed",
             incident=f"{self.metric}-nonfinite-{self._nonfinite_onset}",
         )
 

@@ -115,6 +115,8 @@ class Policy:
         return self._decision(signal, "watch", "a loss spike; waiting for confirmation")
 
     def _nonfinite(self, signal: Signal) -> Decision:
+        if signal.stage == "confirmed":
+            return self._decision(signal, "watch", f"{signal.metric} is finite again")
         run_length = signal.step - signal.onset_step + 1
         if run_length >= self.config.nonfinite_rollback_after:
             return self._rollback(signal, f"{run_length} non-finite steps in a row")

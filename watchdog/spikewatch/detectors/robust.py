@@ -182,6 +182,8 @@ class RobustSpikeDetector:
             "window": self._window.state_dict(),
             "run": list(self._run),
             "seen": self._seen,
+            "baseline": _or_none(self._baseline),
+            "spread": _or_none(self._spread),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -189,5 +191,15 @@ class RobustSpikeDetector:
         self._window.load_state_dict(state["window"])
         self._run = deque((float(v) for v in state["run"]), maxlen=self.max_consecutive)
         self._seen = int(state["seen"])
+        self._baseline = _or_nan(state["baseline"])
+        self._spread = _or_nan(state["spread"])
         self._spike = self._level_shift = False
         self._score = 0.0
+
+
+def _or_none(x: float) -> float | None:
+    return None if math.isnan(x) else x
+
+
+def _or_nan(x: float | None) -> float:
+    return math.nan if x is None else float(x)
