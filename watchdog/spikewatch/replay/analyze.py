@@ -50,19 +50,5 @@ def analyze(
     monitor.flush()
     if progress is not None:
         progress(total, total)
-    events = [
-        ReplayEvent(
-            kind=inc.kind,
-            metric=inc.metric,
-            onset_step=inc.onset_step,
-            peak_step=inc.peak_step,
-            end_step=inc.end_step,
-            transient=inc.transient,
-            score=round(inc.score, 3),
-            action=inc.action,
-            detected_step=inc.detected_step,
-            reason=inc.reason,
-        )
-        for inc in monitor.incidents
-    ]
+    events = [ReplayEvent.from_incident(inc) for inc in monitor.incidents]
     return ReplayReport(points=total, events=events)

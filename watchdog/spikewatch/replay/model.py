@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from spikewatch.incidents import Incident
+
 
 @dataclass
 class Curve:
@@ -44,6 +46,12 @@ class ReplayEvent:
     def to_json(self) -> dict[str, Any]:
         """Return a dict of JSON types."""
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_incident(cls, incident: Incident) -> ReplayEvent:
+        """The event view of a monitor incident (scores rounded for reading)."""
+        fields = {f.name: getattr(incident, f.name) for f in dataclasses.fields(cls)}
+        return cls(**{**fields, "score": round(incident.score, 3)})
 
 
 @dataclass
