@@ -89,8 +89,21 @@ class Monitor:
             "last_step": self.last_step,
         }
 
+    def detector_state(self) -> dict[str, Any]:
+        """The detectors' state alone: what a rollback rewinds (see `rewind`)."""
+        return {"loss": self.loss.state_dict(), "grad_norm": self.grad_norm.state_dict()}
+
+    def rewind(self, detector_state: dict[str, Any]) -> None:
+        """Put the detectors back to an earlier `detector_state`, keeping the policy.
+
+        A rollback rewinds the detectors with the weights, but the policy must remember
+        the rollback itself, or budgets and escalation would reset every time.
+        """
+        self.loss.load_state_dict(detector_state["loss"])
+        self.grad_norm.load_state_dict(detector_state["grad_norm"])
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore detectors and policy, e.g. rewinding with a rollback."""
+        """Restore detectors and policy (a restart from a checkpoint)."""
         self.loss.load_state_dict(state["loss"])
         self.grad_norm.load_state_dict(state["grad_norm"])
         self.policy.load_state_dict(state["policy"])

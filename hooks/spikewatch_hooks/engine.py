@@ -1,0 +1,309 @@
+"""The machinery every trainer hook shares: values, decisions, snapshots, rollbacks.
+
+Framework adapters (`SpikeGuard`, the HF and Lightning callbacks) only translate their
+framework's events into calls on a `GuardEngine`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from typing import Any
+
+import torch
+from spikewatch.errors import bad_value
+from spikewatch.records import ACTION_SEVERITY, Decision, StepRecord
+from spikewatch.settings import MonitorConfig
+from spikewatch.transport import Transport
+from torch import nn
+
+from spikewatch_hooks.ledger import SkipLedger
+from spikewatch_hooks.rng import rng_state, set_rng_state
+from spikewatch_hooks.snapshots import Snapshot, SnapshotRing
+from spikewatch_hooks.values import Number, ValuePipe
+
+log = logging.getLogger("spikewatch_hooks")
+
+
+class GuardEngine:
+    """Turns (loss, grad norm) per step into skips, rollbacks and halts."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        *,
+        transport: Transport,
+        config: MonitorConfig,
+        snapshot_every: int,
+        keep_snapshots: int,
+        run_id: str = "run",
+    ) -> None:
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.transport, self.config, self.run_id = transport, config, run_id
+        self.snapshot_every = snapshot_every
+        self.ring = SnapshotRing(model, optimizer, scheduler, keep=keep_snapshots)
+        self.ledger = SkipLedger()
+        self.values = ValuePipe()
+        self.stats: Counter[str] = Counter()
+        self.step_count = 0
+        self.position = 0
+        self.halted = False
+        self.halt_reason = ""
+        self.lr_scale = 1.0
+        self._snapshot()
+
+    # -- per step -----------------------------------------------------------------------
+    def step(
+        self, loss: Number, grad_norm: Number | None, data_position: int | None
+    ) -> Decision | None:
+        """A whole step of a hand-written loop: observe, then step, skip, roll back or halt."""
+        decision = self.observe(loss, grad_norm, data_position)
+        outcome = self.apply(decision)
+        if outcome in ("rollback", "halt"):
+            return decision
+        if outcome == "skip":
+            self.stats["skipped_steps"] += 1
+        else:
+            self.optimizer.step()
+        self._clear_found_inf()
+        if self.scheduler is not None:
+            self.scheduler.step()  # the schedule keeps its pace through skipped updates
+        self.finish_step()
+        return decision
+
+    def observe(
+        self, loss: Number, grad_norm: Number | None, data_position: int | None
+    ) -> Decision | None:
+        """Queue this step's values, feed what is ready to the monitor, return a decision."""
+        if self.halted:
+            return None
+        if data_position is not None:
+            self.position = data_position
+        self._device_skip(loss, grad_norm)
+        self.values.push(self.step_count, self.position, self._lr(), loss, grad_norm)
+        records = [
+            StepRecord(
+                run=self.run_id,
+                step=v.step,
+                loss=v.loss,
+                grad_norm=v.grad_norm,
+                lr=v.lr,
+                data_position=v.position,
+            )
+            for v in self.values.ready()
+        ]
+        decisions = self.transport.submit(records) if records else []
+        return max(decisions, key=lambda d: ACTION_SEVERITY[d.action], default=None)
+
+    def apply(self, decision: Decision | None) -> str:
+        """Act on a decision at this step boundary: ``rollback``, ``halt``, ``skip`` or ``none``."""
+        if self.halted:
+            return "halt"
+        if decision is None:
+            return "none"
+        if decision.action == "halt":
+            self.halt(decision.reason)
+            return "halt"
+        if decision.action == "rollback":
+            self.rollback(decision)
+            return "rollback"
+        if decision.action == "skip_step" and decision.step == self.step_count:
+            return "skip"
+        return "none"
+
+    def finish_step(self) -> None:
+        """Count the step; take a snapshot when one is due."""
+        self.step_count += 1
+        if self.step_count % self.snapshot_every == 0:
+            self._snapshot(next_position=self.position + 1)
+
+    # -- actions ------------------------------------------------------------------------
+    def rollback(self, decision: Decision) -> None:
+        """Restore the newest snapshot at or before the target; skip the batches since."""
+        target = decision.rollback_before_step or 0
+        snap = self.ring.newest_at_or_before(target)
+        if snap is None:
+            snap = self.ring.oldest()
+            log.warning(
+                "spikewatch: no snapshot at or before step %d; using step %s "
+                "(raise keep_snapshots to reach further back)",
+                target,
+                None if snap is None else snap.step,
+            )
+        assert snap is not None  # a snapshot is taken at construction
+        consumed_to = self.position + 1
+        self.ring.restore(snap)
+        self.transport.rewind(snap.extra["detector_state"])
+        self._scale_lr(decision.lr_factor / float(snap.extra["lr_scale"]))
+        self.lr_scale = decision.lr_factor
+        self.ledger.add(
+            snap.data_position,
+            consumed_to,
+            reason=f"rollback at step {self.step_count}: {decision.reason}",
+        )
+        self.stats["rollbacks"] += 1
+        self.stats["skipped_batches"] += consumed_to - snap.data_position
+        log.warning(
+            "spikewatch: rolled back from step %d to step %d, skipping batches "
+            "[%d, %d), lr x%g: %s",
+            self.step_count,
+            snap.step,
+            snap.data_position,
+            consumed_to,
+            decision.lr_factor,
+            decision.reason,
+        )
+        self.step_count = snap.step
+        self.values.clear()
+        self._clear_found_inf()
+
+    def halt(self, reason: str) -> None:
+        """Stop the run, saying why and what to try."""
+        self.halted, self.halt_reason = True, reason
+        self.stats["halted"] = 1
+        log.error("spikewatch halted run %r at step %d: %s", self.run_id, self.step_count, reason)
+
+    # -- state --------------------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        """Counters for ``guard.stats``."""
+        return {
+            "rollbacks": self.stats["rollbacks"],
+            "skipped_steps": self.stats["skipped_steps"],
+            "skipped_batches": self.stats["skipped_batches"],
+            "incidents": self.transport.incidents(),
+            "halted": self.halted,
+            "halt_reason": self.halt_reason,
+            "snapshots": self.ring.steps,
+            "skip_ledger": self.ledger.ranges(),
+            **{
+                k: v
+                for k, v in self.stats.items()
+                if k not in ("rollbacks", "skipped_steps", "skipped_batches", "halted")
+            },
+        }
+
+    def checkpoint_payload(self) -> dict[str, Any]:
+        """Everything a restart needs, for `save_checkpoint`."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+            "rng": rng_state(),
+            "guard": {
+                "step": self.step_count,
+                "next_position": self.position + 1,
+                "ledger": self.ledger.state_dict(),
+                "detector_state": self.transport.detector_state(),
+                "lr_scale": self.lr_scale,
+                "stats": dict(self.stats),
+            },
+        }
+
+    def load_checkpoint_payload(self, payload: dict[str, Any]) -> None:
+        """Load what `checkpoint_payload` saved into the live objects."""
+        self.model.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        if self.scheduler is not None and payload["scheduler"] is not None:
+            self.scheduler.load_state_dict(payload["scheduler"])
+        set_rng_state(payload["rng"])
+        guard = payload["guard"]
+        self.step_count = int(guard["step"])
+        self.position = int(guard["next_position"]) - 1
+        self.ledger.load_state_dict(guard["ledger"])
+        self.transport.rewind(guard["detector_state"])
+        self.lr_scale = float(guard["lr_scale"])
+        self.stats = Counter(guard["stats"])
+        self.ring = SnapshotRing(self.model, self.optimizer, self.scheduler, keep=self.ring.keep)
+        self._snapshot(next_position=self.position + 1)
+
+    # -- helpers ------------------------------------------------------------------------
+    def _snapshot(self, next_position: int = 0) -> Snapshot:
+        return self.ring.take(
+            self.step_count,
+            next_position,
+            {
+                "detector_state": self.transport.detector_state(),
+                "lr_scale": self.lr_scale,
+            },
+        )
+
+    def _lr(self) -> float | None:
+        lr = self.optimizer.param_groups[0].get("lr")
+        return float(lr) if isinstance(lr, (int, float)) else None
+
+    def _scale_lr(self, factor: float) -> None:
+        if factor == 1.0:
+            return
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["lr"] * factor
+        base = getattr(self.scheduler, "base_lrs", None)
+        if isinstance(base, list):
+            self.scheduler.base_lrs = [b * factor for b in base]
+
+    def _device_skip(self, loss: Number, grad_norm: Number | None) -> None:
+        """On a GPU with a fused optimizer, skip a non-finite update on the device itself.
+
+        A fused Adam/AdamW/SGD skips its update when ``found_inf`` is 1 (the GradScaler
+        path), so the decision needs no host sync. Other optimizers on a GPU get the
+        decision one step late; on the CPU the values are read at once.
+        """
+        if not (isinstance(loss, torch.Tensor) and loss.is_cuda):
+            return
+        if not getattr(self.optimizer, "_step_supports_amp_scaling", False):
+            return
+        bad = ~torch.isfinite(loss.detach().float())
+        if isinstance(grad_norm, torch.Tensor):
+            bad = bad | ~torch.isfinite(grad_norm.detach().float())
+        self.optimizer.found_inf = bad.float().reshape(())  # type: ignore[attr-defined]
+        self.optimizer.grad_scale = None  # type: ignore[attr-defined]
+
+    def _clear_found_inf(self) -> None:
+        if getattr(self.optimizer, "found_inf", None) is not None:
+            self.optimizer.found_inf = None  # type: ignore[attr-defined]
+
+
+def check_components(
+    *,
+    model: object,
+    optimizer: object,
+    scheduler: object,
+    snapshot_every: object,
+    keep_snapshots: object,
+    checkpoint_every: object,
+    checkpoint_dir: object,
+) -> None:
+    """Fail at construction, with the fix, on wrong use."""
+    if not isinstance(model, nn.Module):
+        raise bad_value("model", type(model).__name__, "pass the torch.nn.Module being trained")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise bad_value(
+            "optimizer",
+            type(optimizer).__name__,
+            "pass the torch.optim.Optimizer that updates the model",
+        )
+    if scheduler is not None and not (
+        callable(getattr(scheduler, "step", None))
+        and callable(getattr(scheduler, "state_dict", None))
+        and not isinstance(scheduler, torch.optim.Optimizer)
+    ):
+        raise bad_value(
+            "scheduler",
+            type(scheduler).__name__,
+            "pass a torch.optim.lr_scheduler object (or None)",
+        )
+    for name, value in (("snapshot_every", snapshot_every), ("keep_snapshots", keep_snapshots)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise bad_value(name, value, "use an integer >= 1")
+    if (
+        isinstance(checkpoint_every, bool)
+        or not isinstance(checkpoint_every, int)
+        or checkpoint_every < 0
+    ):
+        raise bad_value("checkpoint_every", checkpoint_every, "use an integer >= 0 (0: never)")
+    if checkpoint_every and checkpoint_dir is None:
+        raise bad_value("checkpoint_dir", None, "set a folder when checkpoint_every > 0")
+    if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
+        raise bad_value("checkpoint_dir", checkpoint_dir, "use a path")

@@ -1,0 +1,192 @@
+"""`SpikeGuard`: the watchdog inside a hand-written training loop.
+
+guard = SpikeGuard(model=model, optimizer=opt, scheduler=sched)
+for batch in guard.batches(loader):
+    loss = compute_loss(model, batch)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    guard.step(loss=loss, grad_norm=grad_norm)   # optimizer.step() unless skipped
+    opt.zero_grad(set_to_none=True)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import replace
+from typing import Any, TypeVar
+
+import torch
+from spikewatch.monitor import Monitor
+from spikewatch.records import Decision
+from spikewatch.settings import MonitorConfig
+from spikewatch.transport import EmbeddedTransport, Transport
+from torch import nn
+
+from spikewatch_hooks.checkpoint import load_checkpoint, save_checkpoint
+from spikewatch_hooks.engine import GuardEngine, check_components
+
+log = logging.getLogger(__name__)
+_B = TypeVar("_B")
+
+
+class SpikeGuard:
+    """Watches every step, skips bad updates, rolls back and skips bad batches.
+
+    Args:
+        model, optimizer, scheduler: the live training objects (scheduler optional).
+        run_id: the run's name in incidents and metrics.
+        config: detection and policy settings (`MonitorConfig`).
+        snapshot_every: take an in-memory snapshot every this many optimizer steps.
+        keep_snapshots: how many snapshots the ring holds (memory: one copy of model and
+            optimizer state each, on the CPU).
+        transport: where records go; default: an embedded monitor (no server).
+        checkpoint_dir / checkpoint_every: also write verified disk checkpoints.
+        margin: shortcut for ``config.policy.margin`` (roll back at least this many steps
+            before the onset).
+
+    Example:
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> model = nn.Linear(4, 1)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        >>> guard = SpikeGuard(model=model, optimizer=opt, snapshot_every=10)
+        >>> data = [torch.randn(8, 4) for _ in range(60)]
+        >>> for x in guard.batches(data):
+        ...     loss = model(x).pow(2).mean()
+        ...     if guard.step_count == 30:
+        ...         loss = loss * float("nan")       # a poisoned batch
+        ...     loss.backward()
+        ...     decision = guard.step(loss=loss)
+        ...     opt.zero_grad(set_to_none=True)
+        ...     if decision is not None:
+        ...         print(decision.step, decision.action)
+        30 skip_step
+        >>> guard.stats["skipped_steps"], guard.stats["rollbacks"]
+        (1, 0)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any = None,
+        *,
+        run_id: str = "run",
+        config: MonitorConfig | None = None,
+        snapshot_every: int = 100,
+        keep_snapshots: int = 4,
+        transport: Transport | None = None,
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+        checkpoint_every: int = 0,
+        margin: int | None = None,
+    ) -> None:
+        config = config or MonitorConfig()
+        if margin is not None:  # PolicyConfig validates it (margin=-1 -> a clear error)
+            config = replace(config, policy=replace(config.policy, margin=margin))
+        check_components(
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            snapshot_every=snapshot_every,
+            keep_snapshots=keep_snapshots,
+            checkpoint_every=checkpoint_every,
+            checkpoint_dir=checkpoint_dir,
+        )
+        self.run_id = run_id
+        self.config = config
+        self.transport = transport or EmbeddedTransport(Monitor(run=run_id, config=self.config))
+        self.engine = GuardEngine(
+            model,
+            optimizer,
+            scheduler,
+            transport=self.transport,
+            config=self.config,
+            snapshot_every=snapshot_every,
+            keep_snapshots=keep_snapshots,
+            run_id=run_id,
+        )
+        self.checkpoint_dir = checkpoint_dir
+        self.checkpoint_every = checkpoint_every
+        self._resume_position = 0
+
+    # -- the loop ---------------------------------------------------------------------
+    def batches(self, loader: Iterable[_B]) -> Iterator[_B]:
+        """Yield the loader's batches, skipping those in the skip ledger.
+
+        Positions count every batch the loader yields from the start of the run (the
+        same order on a restart: a seeded sampler), so after `resume` the batches before
+        the checkpoint are passed over and the ledger's ranges stay skipped.
+        """
+        engine = self.engine
+        for position, batch in enumerate(loader):
+            if engine.halted:
+                return
+            if position < self._resume_position:
+                continue
+            if position in engine.ledger:
+                engine.stats["skipped_batches_on_resume"] += 1
+                continue
+            engine.position = position
+            yield batch
+
+    def step(
+        self,
+        loss: torch.Tensor | float,
+        grad_norm: torch.Tensor | float | None = None,
+        *,
+        data_position: int | None = None,
+    ) -> Decision | None:
+        """Run ``optimizer.step()`` and ``scheduler.step()`` unless the guard decides
+        otherwise; apply a rollback or halt here. Returns the step's most severe
+        decision, or None when there is nothing to report."""
+        decision = self.engine.step(loss, grad_norm, data_position)
+        if (
+            self.checkpoint_every
+            and self.engine.step_count % self.checkpoint_every == 0
+            and (decision is None or decision.action in ("watch", "skip_step"))
+        ):
+            self._auto_checkpoint()
+        return decision
+
+    # -- read-only views --------------------------------------------------------------
+    @property
+    def step_count(self) -> int:
+        """Optimizer steps taken on the current branch (rewinds with a rollback)."""
+        return self.engine.step_count
+
+    @property
+    def halted(self) -> bool:
+        """True once the guard halted the run (``batches`` then stops)."""
+        return self.engine.halted
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Counters: rollbacks, skipped_steps, skipped_batches, incidents, halted, ..."""
+        return self.engine.summary()
+
+    @property
+    def ledger(self) -> Any:
+        """The `SkipLedger` of data positions never to train on."""
+        return self.engine.ledger
+
+    # -- disk checkpoints -------------------------------------------------------------
+    def save_checkpoint(self, path: str | os.PathLike[str]) -> None:
+        """Write model, optimizer, scheduler, RNG and guard state atomically to ``path``."""
+        save_checkpoint(path, self.engine.checkpoint_payload())
+
+    def resume(self, path: str | os.PathLike[str]) -> None:
+        """Load a checkpoint into the live objects; `batches` then continues after it."""
+        payload = load_checkpoint(path)
+        self.engine.load_checkpoint_payload(payload)
+        self._resume_position = int(payload["guard"]["next_position"])
+
+    def _auto_checkpoint(self) -> None:
+        assert self.checkpoint_dir is not None  # checked at construction
+        path = os.path.join(os.fspath(self.checkpoint_dir), "spikewatch-latest.pt")
+        try:
+            self.save_checkpoint(path)
+        except OSError:
+            self.engine.stats["checkpoint_failures"] += 1
+            log.exception("spikewatch could not write %s; training continues", path)
