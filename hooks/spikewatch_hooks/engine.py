@@ -139,20 +139,18 @@ class GuardEngine:
         self.transport.rewind(snap.extra["detector_state"])
         self._scale_lr(decision.lr_factor / float(snap.extra["lr_scale"]))
         self.lr_scale = decision.lr_factor
-        self.ledger.add(
-            snap.data_position,
-            consumed_to,
-            reason=f"rollback at step {self.step_count}: {decision.reason}",
-        )
+        why = f"rollback at step {self.step_count}: {decision.reason}"
+        wasted = self.ledger.add(snap.data_position, consumed_to, reason=why)
+        self.ledger.add(consumed_to, consumed_to + decision.skip_ahead, reason=why + " (ahead)")
         self.stats["rollbacks"] += 1
-        self.stats["skipped_batches"] += consumed_to - snap.data_position
+        self.stats["skipped_batches"] += wasted  # the ones ahead count when passed over
         log.warning(
             "spikewatch: rolled back from step %d to step %d, skipping batches "
             "[%d, %d), lr x%g: %s",
             self.step_count,
             snap.step,
             snap.data_position,
-            consumed_to,
+            consumed_to + decision.skip_ahead,
             decision.lr_factor,
             decision.reason,
         )

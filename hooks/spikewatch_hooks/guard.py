@@ -126,7 +126,7 @@ class SpikeGuard:
             if position < self._resume_position:
                 continue
             if position in engine.ledger:
-                engine.stats["skipped_batches_on_resume"] += 1
+                engine.stats["skipped_batches"] += 1
                 continue
             engine.position = position
             yield batch

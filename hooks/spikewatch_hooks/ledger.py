@@ -16,7 +16,9 @@ class SkipLedger:
     Example:
         >>> ledger = SkipLedger()
         >>> ledger.add(100, 130, reason="rollback at step 131")
+        30
         >>> ledger.add(120, 140)
+        10
         >>> 99 in ledger, 100 in ledger, 139 in ledger, 140 in ledger
         (False, True, True, False)
         >>> ledger.ranges(), len(ledger)
@@ -28,10 +30,11 @@ class SkipLedger:
         self._stops: list[int] = []
         self.reasons: list[str] = []
 
-    def add(self, start: int, stop: int, *, reason: str = "") -> None:
-        """Mark ``[start, stop)`` as skipped, merging with overlapping ranges."""
+    def add(self, start: int, stop: int, *, reason: str = "") -> int:
+        """Mark ``[start, stop)`` as skipped, merging ranges; return how many are new."""
         if stop <= start:
-            return
+            return 0
+        before = len(self)
         i = bisect.bisect_left(self._stops, start)
         j = bisect.bisect_right(self._starts, stop)
         if i < j:
@@ -41,6 +44,7 @@ class SkipLedger:
         self._stops[i:j] = [stop]
         if reason:
             self.reasons.append(f"[{start}, {stop}): {reason}")
+        return len(self) - before
 
     def __contains__(self, position: object) -> bool:
         if not isinstance(position, int):

@@ -13,14 +13,14 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from spikewatch import __version__
+from spikewatch import __version__, demo_command
 from spikewatch.errors import SpikewatchError
 from spikewatch.replay import command as replay_command
 
 Register = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
 
 #: Every subcommand's ``register`` function, in the order ``--help`` lists them.
-SUBCOMMANDS: tuple[Register, ...] = (replay_command.register,)
+SUBCOMMANDS: tuple[Register, ...] = (demo_command.register, replay_command.register)
 
 
 def build_parser() -> argparse.ArgumentParser:

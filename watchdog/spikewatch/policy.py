@@ -28,6 +28,7 @@ class PolicyConfig:
 
     Attributes:
         margin: roll back to a snapshot at least this many steps before the onset.
+        skip_ahead: after a rollback, also skip this many batches not read yet.
         extreme_grad_ratio: a grad norm this many times its baseline skips the update.
         nonfinite_rollback_after: this many non-finite steps in a row trigger a rollback.
         recurrence_steps: a new rollback whose onset lies within this many steps of the
@@ -39,6 +40,7 @@ class PolicyConfig:
     """
 
     margin: int = 100
+    skip_ahead: int = 100
     extreme_grad_ratio: float = 10.0
     nonfinite_rollback_after: int = 3
     recurrence_steps: int = 500
@@ -49,6 +51,7 @@ class PolicyConfig:
 
     def __post_init__(self) -> None:
         check_int("margin", self.margin, minimum=0)
+        check_int("skip_ahead", self.skip_ahead, minimum=0)
         check_float("extreme_grad_ratio", self.extreme_grad_ratio, minimum=1.0)
         check_int("nonfinite_rollback_after", self.nonfinite_rollback_after, minimum=1)
         check_int("recurrence_steps", self.recurrence_steps, minimum=0)
@@ -153,6 +156,7 @@ class Policy:
             detail + str(target),
             rollback_before_step=target,
             lr_factor=cfg.lr_cut**self._escalation,
+            skip_ahead=cfg.skip_ahead * 2**self._escalation,
         )
 
     def _halt_reason(self, why: str) -> str:

@@ -168,6 +168,8 @@ class Decision:
 
     ``rollback_before_step``: restore the newest snapshot taken at or before this step.
     ``lr_factor``: multiply the learning rate by this after a rollback (escalation).
+    ``skip_ahead``: after a rollback, also skip this many batches not yet read (the bad
+    data often runs on past the detection point; PaLM skipped 200-500 batches).
     """
 
     run: str
@@ -178,6 +180,7 @@ class Decision:
     rollback_before_step: int | None = None
     lr_factor: float = 1.0
     escalation: int = 0
+    skip_ahead: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """Return a dict of JSON types."""
@@ -203,6 +206,7 @@ class Command:
     issued_step: int
     rollback_before_step: int | None = None
     lr_factor: float = 1.0
+    skip_ahead: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """Return a dict of JSON types."""
