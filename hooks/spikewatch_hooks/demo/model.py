@@ -20,7 +20,8 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         h = self.norm1(x)
         x = x + self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
-        return x + self.mlp(self.norm2(x))
+        out: torch.Tensor = x + self.mlp(self.norm2(x))
+        return out
 
 
 class TinyGPT(nn.Module):
@@ -43,14 +44,17 @@ class TinyGPT(nn.Module):
         self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(layers))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab_size)
+        self.causal: torch.Tensor
         self.register_buffer(
-            "mask", torch.triu(torch.ones(context, context, dtype=torch.bool), 1), persistent=False
+            "causal",
+            torch.triu(torch.ones(context, context, dtype=torch.bool), 1),
+            persistent=False,
         )
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         n = tokens.shape[1]
         x = self.embed(tokens) + self.pos[:n]
-        mask = self.mask[:n, :n]
+        mask = self.causal[:n, :n]
         for block in self.blocks:
             x = block(x, mask)
         logits: torch.Tensor = self.head(self.norm(x))
