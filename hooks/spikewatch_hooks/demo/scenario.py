@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from spikewatch.policy import PolicyConfig
@@ -57,7 +57,7 @@ class RunResult:
     final_loss: float
     steps: list[int] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
-    stats: dict[str, object] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
     onset_step: int | None = None
     detected_step: int | None = None
     rollback_step: int | None = None
