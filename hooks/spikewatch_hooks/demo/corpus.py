@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import warnings
 
 import torch
 
@@ -79,7 +80,9 @@ def corpus_text(max_chars: int = 400_000) -> str:
         for attr in sorted(dir(module)):
             if attr.startswith("_"):
                 continue
-            doc = inspect.getdoc(getattr(module, attr, None))
+            with warnings.catch_warnings():  # e.g. typing.io warns that it is deprecated
+                warnings.simplefilter("ignore", DeprecationWarning)
+                doc = inspect.getdoc(getattr(module, attr, None))
             if doc and len(doc) > 80:
                 parts.append(doc)
     text = "\n\n".join(p for p in parts if p)
