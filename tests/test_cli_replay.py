@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from spikewatch.cli import main
 from spikewatch.replay.command import ProgressBar
 

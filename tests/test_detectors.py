@@ -4,6 +4,7 @@ import math
 import random
 
 import pytest
+
 from conftest import falling_curve
 from spikewatch.detectors.drift import PageHinkleyDetector
 from spikewatch.detectors.nonfinite import NonFiniteDetector

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from spikewatch.errors import ConfigError
 from spikewatch.monitor import Monitor
 from spikewatch.policy import PolicyConfig

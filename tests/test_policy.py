@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+
 from spikewatch.errors import ConfigError
 from spikewatch.policy import Policy, PolicyConfig
 from spikewatch.records import Metric, Signal, SignalKind

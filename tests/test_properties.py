@@ -7,6 +7,7 @@ import random
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from spikewatch.detectors.drift import PageHinkleyDetector
 from spikewatch.detectors.robust import RobustSpikeDetector
 from spikewatch.monitor import Monitor

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
 from spikewatch.errors import ReplayInputError
 from spikewatch.replay.readers import read_curve
 from spikewatch.replay.tensorboard import find_event_files

@@ -5,6 +5,7 @@ import math
 import re
 
 import pytest
+
 from spikewatch.errors import WireFormatError
 from spikewatch.records import Command, Decision, Signal, StepRecord
 

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import pytest
+
 from conftest import falling_curve
 from spikewatch.channel import MetricChannel
 from spikewatch.detectors.drift import PageHinkleyDetector
