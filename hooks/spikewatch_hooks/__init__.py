@@ -10,4 +10,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without torch
         "(or your own torch build first)"
     ) from exc
 
+from spikewatch_hooks.guard import SpikeGuard
+from spikewatch_hooks.ledger import SkipLedger
+
+__all__ = ["SkipLedger", "SpikeGuard"]
 __version__ = "0.1.0"
