@@ -14,7 +14,19 @@ def test_demo_json_reports_the_rollback_and_writes_the_chart(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     chart = tmp_path / "demo.png"
-    code = main(["demo", "--steps", "300", "--json", "--no-progress", "--plot", str(chart)])
+    code = main(
+        [
+            "demo",
+            "--steps",
+            "300",
+            "--threads",
+            "1",
+            "--json",
+            "--no-progress",
+            "--plot",
+            str(chart),
+        ]
+    )
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
     for key in (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,9 +28,12 @@ SMALL = dataclasses.replace(
 
 
 @pytest.fixture(scope="module")
-def corpus() -> CharCorpus:
-    torch.set_num_threads(2)
-    return load_corpus()
+def corpus() -> Iterator[CharCorpus]:
+    # One thread: two OpenMP threads on a busy 2-core host run many times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield load_corpus()
+    torch.set_num_threads(threads)
 
 
 def test_poisoned_run_recovers_only_with_the_guard(corpus: CharCorpus) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from spikewatch.errors import SpikewatchError
 
 MAGIC = b"SPIKEWATCH-CKPT 1"

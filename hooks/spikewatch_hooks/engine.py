@@ -12,12 +12,12 @@ from collections import Counter
 from typing import Any
 
 import torch
+from torch import nn
+
 from spikewatch.errors import bad_value
 from spikewatch.records import ACTION_SEVERITY, Decision, StepRecord
 from spikewatch.settings import MonitorConfig
 from spikewatch.transport import Transport
-from torch import nn
-
 from spikewatch_hooks.ledger import SkipLedger
 from spikewatch_hooks.rng import rng_state, set_rng_state
 from spikewatch_hooks.snapshots import Snapshot, SnapshotRing

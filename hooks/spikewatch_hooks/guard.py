@@ -18,12 +18,12 @@ from dataclasses import replace
 from typing import Any, TypeVar
 
 import torch
+from torch import nn
+
 from spikewatch.monitor import Monitor
 from spikewatch.records import Decision
 from spikewatch.settings import MonitorConfig
 from spikewatch.transport import EmbeddedTransport, Transport
-from torch import nn
-
 from spikewatch_hooks.checkpoint import load_checkpoint, save_checkpoint
 from spikewatch_hooks.engine import GuardEngine, check_components
 

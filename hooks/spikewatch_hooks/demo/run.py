@@ -7,8 +7,8 @@ import time
 from typing import Any, TextIO
 
 import torch
-from spikewatch.replay.command import ProgressBar
 
+from spikewatch.replay.command import ProgressBar
 from spikewatch_hooks.demo.chart import plot_runs
 from spikewatch_hooks.demo.scenario import DemoSettings, RunResult, load_corpus, train
 

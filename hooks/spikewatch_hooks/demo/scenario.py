@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+
 from spikewatch.policy import PolicyConfig
 from spikewatch.settings import MonitorConfig
-
 from spikewatch_hooks.demo.corpus import CharCorpus, corpus_text
 from spikewatch_hooks.demo.model import TinyGPT
 from spikewatch_hooks.guard import SpikeGuard
