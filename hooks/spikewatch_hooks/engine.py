@@ -65,10 +65,10 @@ class GuardEngine:
         if outcome in ("rollback", "halt"):
             return decision
         if outcome == "skip":
-            self.stats["skipped_steps"] += 1
+            self.count("skipped_steps")
         else:
             self.optimizer.step()
-        self._clear_found_inf()
+        self.clear_found_inf()
         if self.scheduler is not None:
             self.scheduler.step()  # the schedule keeps its pace through skipped updates
         self.finish_step()
@@ -156,7 +156,7 @@ class GuardEngine:
         )
         self.step_count = snap.step
         self.values.clear()
-        self._clear_found_inf()
+        self.clear_found_inf()
 
     def halt(self, reason: str) -> None:
         """Stop the run, saying why and what to try."""
@@ -183,6 +183,29 @@ class GuardEngine:
             },
         }
 
+    def guard_state(self) -> dict[str, Any]:
+        """The guard's own state (step, data position, ledger, detectors, counters)."""
+        return {
+            "step": self.step_count,
+            "next_position": self.position + 1,
+            "ledger": self.ledger.state_dict(),
+            "detector_state": self.transport.detector_state(),
+            "lr_scale": self.lr_scale,
+            "stats": dict(self.stats),
+        }
+
+    def load_guard_state(self, guard: dict[str, Any]) -> None:
+        """Restore `guard_state` (the live training objects are restored by the caller);
+        the snapshot ring restarts from the restored state."""
+        self.step_count = int(guard["step"])
+        self.position = int(guard["next_position"]) - 1
+        self.ledger.load_state_dict(guard["ledger"])
+        self.transport.rewind(guard["detector_state"])
+        self.lr_scale = float(guard["lr_scale"])
+        self.stats = Counter(guard["stats"])
+        self.ring = SnapshotRing(self.model, self.optimizer, self.scheduler, keep=self.ring.keep)
+        self._snapshot(next_position=self.position + 1)
+
     def checkpoint_payload(self) -> dict[str, Any]:
         """Everything a restart needs, for `save_checkpoint`."""
         return {
@@ -190,14 +213,7 @@ class GuardEngine:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
             "rng": rng_state(),
-            "guard": {
-                "step": self.step_count,
-                "next_position": self.position + 1,
-                "ledger": self.ledger.state_dict(),
-                "detector_state": self.transport.detector_state(),
-                "lr_scale": self.lr_scale,
-                "stats": dict(self.stats),
-            },
+            "guard": self.guard_state(),
         }
 
     def load_checkpoint_payload(self, payload: dict[str, Any]) -> None:
@@ -207,15 +223,11 @@ class GuardEngine:
         if self.scheduler is not None and payload["scheduler"] is not None:
             self.scheduler.load_state_dict(payload["scheduler"])
         set_rng_state(payload["rng"])
-        guard = payload["guard"]
-        self.step_count = int(guard["step"])
-        self.position = int(guard["next_position"]) - 1
-        self.ledger.load_state_dict(guard["ledger"])
-        self.transport.rewind(guard["detector_state"])
-        self.lr_scale = float(guard["lr_scale"])
-        self.stats = Counter(guard["stats"])
-        self.ring = SnapshotRing(self.model, self.optimizer, self.scheduler, keep=self.ring.keep)
-        self._snapshot(next_position=self.position + 1)
+        self.load_guard_state(payload["guard"])
+
+    def count(self, name: str, n: int = 1) -> None:
+        """Add to a counter of ``stats`` (skipped_steps, skipped_batches, late_skips, ...)."""
+        self.stats[name] += n
 
     # -- helpers ------------------------------------------------------------------------
     def _snapshot(self, next_position: int = 0) -> Snapshot:
@@ -258,7 +270,8 @@ class GuardEngine:
         self.optimizer.found_inf = bad.float().reshape(())  # type: ignore[attr-defined]
         self.optimizer.grad_scale = None  # type: ignore[attr-defined]
 
-    def _clear_found_inf(self) -> None:
+    def clear_found_inf(self) -> None:
+        """Drop the on-device skip flag once the optimizer has stepped (or been skipped)."""
         if getattr(self.optimizer, "found_inf", None) is not None:
             self.optimizer.found_inf = None  # type: ignore[attr-defined]
 

@@ -126,7 +126,7 @@ class SpikeGuard:
             if position < self._resume_position:
                 continue
             if position in engine.ledger:
-                engine.stats["skipped_batches"] += 1
+                engine.count("skipped_batches")
                 continue
             engine.position = position
             yield batch
@@ -188,5 +188,5 @@ class SpikeGuard:
         try:
             self.save_checkpoint(path)
         except OSError:
-            self.engine.stats["checkpoint_failures"] += 1
+            self.engine.count("checkpoint_failures")
             log.exception("spikewatch could not write %s; training continues", path)

@@ -189,7 +189,7 @@ class SpikewatchCallback(TrainerCallback):
         """A passed-over step does not count: undo its scheduler step."""
         if not self._pass_over:
             return
-        self.engine.stats["skipped_batches"] += 1
+        self.engine.count("skipped_batches")
         if self._saved_lr is not None:
             scheduler_state, lrs = self._saved_lr
             self.engine.scheduler.load_state_dict(scheduler_state)
@@ -241,9 +241,9 @@ class SpikewatchCallback(TrainerCallback):
         if outcome in ("rollback", "halt"):
             return outcome
         if self._nonfinite:
-            engine.stats["skipped_steps"] += 1
+            engine.count("skipped_steps")
         elif outcome == "skip":
-            engine.stats["late_skips"] += 1
+            engine.count("late_skips")
             log.warning(
                 "spikewatch: step %d should have been skipped, but the Trainer reports its "
                 "grad norm only after optimizer.step(); its clipped update stays",

@@ -61,7 +61,6 @@ from spikewatch.settings import MonitorConfig
 from spikewatch.transport import EmbeddedTransport, Transport
 from spikewatch.validation import check_int
 from spikewatch_hooks.engine import GuardEngine, check_components
-from spikewatch_hooks.rng import rng_state
 
 log = logging.getLogger(__name__)
 
@@ -228,12 +227,11 @@ class SpikewatchCallback(pl.Callback):
             self._stop(trainer, engine)
         elif mode == "ledger":
             self._release_schedule(engine)
-            engine.stats["skipped_batches"] += 1
+            engine.count("skipped_batches")
         elif mode in ("step", "skip", "idle"):
             engine.position = self._position
             engine.finish_step()
-        if getattr(engine.optimizer, "found_inf", None) is not None:
-            engine.optimizer.found_inf = None  # type: ignore[attr-defined]  # fused, on GPU
+        engine.clear_found_inf()
         self._count_uncounted(trainer, engine)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -246,7 +244,7 @@ class SpikewatchCallback(pl.Callback):
         """Guard state (ledger, detectors, counters) in plain JSON types."""
         if self.engine is None:
             return {}
-        guard = self.engine.checkpoint_payload()["guard"]
+        guard = self.engine.guard_state()
         return {"batches_seen": self._batches_seen, "uncounted": self._uncounted, "guard": guard}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -268,7 +266,7 @@ class SpikewatchCallback(pl.Callback):
             self._pending = decision
             return "act"
         if engine.apply(decision) == "skip":
-            engine.stats["skipped_steps"] += 1
+            engine.count("skipped_steps")
             return "skip"
         return "step"
 
@@ -296,16 +294,7 @@ class SpikewatchCallback(pl.Callback):
 
     def _resume(self, state: dict[str, Any]) -> None:
         engine = self._engine()
-        scheduler = engine.scheduler
-        engine.load_checkpoint_payload(
-            {
-                "model": engine.model.state_dict(),
-                "optimizer": engine.optimizer.state_dict(),
-                "scheduler": None if scheduler is None else scheduler.state_dict(),
-                "rng": rng_state(),
-                "guard": state["guard"],
-            }
-        )
+        engine.load_guard_state(state["guard"])  # Lightning restored the live objects
         self._batches_seen = int(state["batches_seen"])
 
     def _engine(self) -> GuardEngine:
