@@ -206,7 +206,7 @@ def test_a_failing_monitor_never_stops_training() -> None:
     guard = SpikeGuard(model=model, optimizer=opt, transport=transport)
     _loop(guard, model, _data(30))
     assert guard.step_count == 30
-    assert transport.failures == 30
+    assert transport.failures == 30 // 8  # records reach the monitor 8 at a time
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ framework's events into calls on a `GuardEngine`.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections import Counter
 from typing import Any
@@ -40,10 +41,13 @@ class GuardEngine:
         snapshot_every: int,
         keep_snapshots: int,
         run_id: str = "run",
+        monitor_every: int = 8,
     ) -> None:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.transport, self.config, self.run_id = transport, config, run_id
         self.snapshot_every = snapshot_every
+        self.monitor_every = monitor_every
+        self._skip_threshold = math.inf
         self.ring = SnapshotRing(model, optimizer, scheduler, keep=keep_snapshots)
         self.ledger = SkipLedger()
         self.values = ValuePipe()
@@ -84,6 +88,11 @@ class GuardEngine:
             self.position = data_position
         self._device_skip(loss, grad_norm)
         self.values.push(self.step_count, self.position, self._lr(), loss, grad_norm)
+        # Records go to the monitor in batches (one hand-off per monitor_every steps costs
+        # far less than one per step); a suspicious step is handed over at once, so its
+        # skip is decided before the optimizer steps.
+        if len(self.values) < self.monitor_every and not self._suspicious():
+            return None
         records = [
             StepRecord(
                 run=self.run_id,
@@ -96,7 +105,17 @@ class GuardEngine:
             for v in self.values.ready()
         ]
         decisions = self.transport.submit(records) if records else []
+        self._skip_threshold = self.transport.skip_threshold()
         return max(decisions, key=lambda d: ACTION_SEVERITY[d.action], default=None)
+
+    def _suspicious(self) -> bool:
+        latest = self.values.latest()
+        if latest is None:  # not on the host yet (GPU): the device-side skip covers it
+            return False
+        loss, grad = latest
+        if grad is None:
+            return not math.isfinite(loss)
+        return not (math.isfinite(loss) and math.isfinite(grad)) or grad > self._skip_threshold
 
     def apply(self, decision: Decision | None) -> str:
         """Act on a decision at this step boundary: ``rollback``, ``halt``, ``skip`` or ``none``."""

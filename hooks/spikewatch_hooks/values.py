@@ -50,6 +50,7 @@ class ValuePipe:
 
     def __init__(self, slots: int = 64) -> None:
         self._host = torch.empty((slots, 2), dtype=torch.float32)
+        self._rows = self._host.unbind(0)  # views made once: indexing per step costs ~us
         self._pinned = False
         self._pending: deque[_Pending] = deque()
         self._next = 0
@@ -68,6 +69,17 @@ class ValuePipe:
         has_grad = grad_norm is not None
         self._pending.append(_Pending(step, position, lr, slot if has_grad else ~slot, event))
 
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def latest(self) -> tuple[float, float | None] | None:
+        """The newest (loss, grad norm) if already on the host (CPU tensors), else None."""
+        if not self._pending or self._pending[-1].event is not None:
+            return None
+        p = self._pending[-1]
+        loss, grad = self._rows[p.slot if p.slot >= 0 else ~p.slot].tolist()
+        return loss, grad if p.slot >= 0 else None
+
     def ready(self) -> list[StepValues]:
         """Values whose copies have landed, oldest first (stops at the first not ready)."""
         out: list[StepValues] = []
@@ -77,7 +89,7 @@ class ValuePipe:
                 break
             self._pending.popleft()
             slot = p.slot if p.slot >= 0 else ~p.slot
-            loss, grad = self._host[slot].tolist()
+            loss, grad = self._rows[slot].tolist()
             out.append(StepValues(p.step, p.position, p.lr, loss, grad if p.slot >= 0 else None))
         return out
 
@@ -86,7 +98,11 @@ class ValuePipe:
         self._pending.clear()
 
     def _copy(self, slot: int, loss: Number, grad_norm: Number | None) -> torch.cuda.Event | None:
-        row = self._host[slot]
+        row = self._rows[slot]
+        if _cpu_scalar(loss) and _cpu_scalar(grad_norm):
+            with torch.no_grad():  # the common CPU case: one dispatch, straight into the slot
+                torch.stack((loss, grad_norm), out=row)  # type: ignore[arg-type]
+            return None
         tensors = [x for x in (loss, grad_norm) if isinstance(x, torch.Tensor)]
         if not tensors:
             row[0], row[1] = float(loss), _as_float(grad_norm)
@@ -98,8 +114,9 @@ class ValuePipe:
             return None
         if not self._pinned:
             self._host = self._host.pin_memory()
+            self._rows = self._host.unbind(0)
             self._pinned = True
-            row = self._host[slot]
+            row = self._rows[slot]
         row.copy_(vals, non_blocking=True)
         event = torch.cuda.Event()  # type: ignore[no-untyped-call]
         event.record()
@@ -114,3 +131,12 @@ def _on(x: Number | None, device: torch.device) -> torch.Tensor:
 
 def _as_float(x: Number | None) -> float:
     return math.nan if x is None else float(x)
+
+
+def _cpu_scalar(x: Number | None) -> bool:
+    return (
+        isinstance(x, torch.Tensor)
+        and x.dim() == 0
+        and x.dtype == torch.float32
+        and x.device.type == "cpu"
+    )

@@ -89,6 +89,17 @@ class Monitor:
             "last_step": self.last_step,
         }
 
+    def skip_threshold(self) -> float:
+        """The grad norm above which the policy would skip an update (inf until known).
+
+        Lets a trainer hook decide a skip on the step itself while it hands records to
+        the monitor in batches.
+        """
+        baseline = self.grad_norm.spike.baseline
+        if not self.grad_norm.spike.ready or not baseline > 0.0:
+            return float("inf")
+        return self.policy.config.extreme_grad_ratio * baseline
+
     def detector_state(self) -> dict[str, Any]:
         """The detectors' state alone: what a rollback rewinds (see `rewind`)."""
         return {"loss": self.loss.state_dict(), "grad_norm": self.grad_norm.state_dict()}

@@ -35,6 +35,10 @@ class Transport(Protocol):
         """How many incidents the monitor has opened for this run."""
         ...
 
+    def skip_threshold(self) -> float:
+        """Grad norm above which an update should be skipped (inf when unknown)."""
+        ...
+
 
 class EmbeddedTransport:
     """Runs a `Monitor` inline; a monitor failure is logged and counted, never raised.
@@ -72,3 +76,7 @@ class EmbeddedTransport:
     def incidents(self) -> int:
         """Incidents opened so far."""
         return len(self.monitor.incidents)
+
+    def skip_threshold(self) -> float:
+        """The monitor's current grad-norm skip threshold."""
+        return self.monitor.skip_threshold()
