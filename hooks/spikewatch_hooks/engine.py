@@ -19,6 +19,7 @@ from spikewatch.errors import bad_value
 from spikewatch.records import ACTION_SEVERITY, Decision, StepRecord
 from spikewatch.settings import MonitorConfig
 from spikewatch.transport import Transport
+from spikewatch_hooks.distributed import Lockstep
 from spikewatch_hooks.ledger import SkipLedger
 from spikewatch_hooks.rng import rng_state, set_rng_state
 from spikewatch_hooks.snapshots import Snapshot, SnapshotRing
@@ -42,11 +43,16 @@ class GuardEngine:
         keep_snapshots: int,
         run_id: str = "run",
         monitor_every: int = 8,
+        lockstep: Lockstep | None = None,
     ) -> None:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.transport, self.config, self.run_id = transport, config, run_id
         self.snapshot_every = snapshot_every
         self.monitor_every = monitor_every
+        self.lockstep = lockstep
+        # Under torch.distributed every rank decides alike; only rank 0 speaks.
+        self.reporting = lockstep is None or lockstep.rank == 0
+        self.last_incident_ranks = ""
         self._skip_threshold = math.inf
         self.ring = SnapshotRing(model, optimizer, scheduler, keep=keep_snapshots)
         self.ledger = SkipLedger()
@@ -86,6 +92,8 @@ class GuardEngine:
             return None
         if data_position is not None:
             self.position = data_position
+        if self.lockstep is not None:
+            loss, grad_norm = self.lockstep.combine(self.step_count, loss, grad_norm)
         self._device_skip(loss, grad_norm)
         self.values.push(self.step_count, self.position, self._lr(), loss, grad_norm)
         # Records go to the monitor in batches (one hand-off per monitor_every steps costs
@@ -146,7 +154,7 @@ class GuardEngine:
         snap = self.ring.newest_at_or_before(target)
         if snap is None:
             snap = self.ring.oldest()
-            log.warning(
+            log.warning(  # every rank: a ring too short is worth seeing everywhere
                 "spikewatch: no snapshot at or before step %d; using step %s "
                 "(raise keep_snapshots to reach further back)",
                 target,
@@ -162,25 +170,32 @@ class GuardEngine:
         wasted = self.ledger.add(snap.data_position, consumed_to, reason=why)
         self.ledger.add(consumed_to, consumed_to + decision.skip_ahead, reason=why + " (ahead)")
         self.stats["rollbacks"] += 1
+        where = self._attribution(decision)
         self.stats["skipped_batches"] += wasted  # the ones ahead count when passed over
-        log.warning(
-            "spikewatch: rolled back from step %d to step %d, skipping batches "
-            "[%d, %d), lr x%g: %s",
-            self.step_count,
-            snap.step,
-            snap.data_position,
-            consumed_to + decision.skip_ahead,
-            decision.lr_factor,
-            decision.reason,
-        )
+        if self.reporting:
+            log.warning(
+                "spikewatch: rolled back from step %d to step %d, skipping batches "
+                "[%d, %d), lr x%g: %s%s",
+                self.step_count,
+                snap.step,
+                snap.data_position,
+                consumed_to + decision.skip_ahead,
+                decision.lr_factor,
+                decision.reason,
+                where,
+            )
         self.step_count = snap.step
         self.values.clear()
+        if self.lockstep is not None:
+            self.lockstep.clear()
         self.clear_found_inf()
 
     def halt(self, reason: str) -> None:
         """Stop the run, saying why and what to try."""
         self.halted, self.halt_reason = True, reason
         self.stats["halted"] = 1
+        if not self.reporting:
+            return
         log.error("spikewatch halted run %r at step %d: %s", self.run_id, self.step_count, reason)
 
     # -- state --------------------------------------------------------------------------
@@ -195,6 +210,7 @@ class GuardEngine:
             "halt_reason": self.halt_reason,
             "snapshots": self.ring.steps,
             "skip_ledger": self.ledger.ranges(),
+            "last_incident_ranks": self.last_incident_ranks,
             **{
                 k: v
                 for k, v in self.stats.items()
@@ -288,6 +304,14 @@ class GuardEngine:
             bad = bad | ~torch.isfinite(grad_norm.detach().float())
         self.optimizer.found_inf = bad.float().reshape(())  # type: ignore[attr-defined]
         self.optimizer.grad_scale = None  # type: ignore[attr-defined]
+
+    def _attribution(self, decision: Decision) -> str:
+        """Under torch.distributed: which rank(s) saw the trouble at its onset."""
+        if self.lockstep is None or decision.signal is None:
+            return ""
+        where = self.lockstep.attribution(decision.signal.onset_step)
+        self.last_incident_ranks = where
+        return f" [{where}]"
 
     def clear_found_inf(self) -> None:
         """Drop the on-device skip flag once the optimizer has stepped (or been skipped)."""

@@ -20,11 +20,13 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from spikewatch.errors import bad_value
 from spikewatch.monitor import Monitor
 from spikewatch.records import Decision
 from spikewatch.settings import MonitorConfig
 from spikewatch.transport import EmbeddedTransport, Transport
 from spikewatch_hooks.checkpoint import load_checkpoint, save_checkpoint
+from spikewatch_hooks.distributed import Lockstep
 from spikewatch_hooks.engine import GuardEngine, check_components
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,8 @@ class SpikeGuard:
         checkpoint_dir / checkpoint_every: also write verified disk checkpoints.
         margin: shortcut for ``config.policy.margin`` (roll back at least this many steps
             before the onset).
+        distributed: decide in lockstep across the ranks of ``torch.distributed`` (one
+            small all-gather per step); None: whenever a process group of > 1 rank exists.
 
     Example:
         >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
@@ -81,6 +85,7 @@ class SpikeGuard:
         checkpoint_dir: str | os.PathLike[str] | None = None,
         checkpoint_every: int = 0,
         margin: int | None = None,
+        distributed: bool | None = None,
     ) -> None:
         config = config or MonitorConfig()
         if margin is not None:  # PolicyConfig validates it (margin=-1 -> a clear error)
@@ -97,6 +102,15 @@ class SpikeGuard:
         self.run_id = run_id
         self.config = config
         self.transport = transport or EmbeddedTransport(Monitor(run=run_id, config=self.config))
+        lockstep = None
+        if distributed or (distributed is None and Lockstep.active()):
+            if transport is not None and not isinstance(transport, EmbeddedTransport):
+                raise bad_value(
+                    "transport",
+                    type(transport).__name__,
+                    "use the embedded monitor under torch.distributed for now",
+                )
+            lockstep = Lockstep()
         self.engine = GuardEngine(
             model,
             optimizer,
@@ -106,6 +120,7 @@ class SpikeGuard:
             snapshot_every=snapshot_every,
             keep_snapshots=keep_snapshots,
             run_id=run_id,
+            lockstep=lockstep,
         )
         self.checkpoint_dir = checkpoint_dir
         self.checkpoint_every = checkpoint_every

@@ -1,0 +1,109 @@
+"""Lockstep across ranks: every rank sees the same numbers, so it takes the same decision.
+
+One small collective per step: each rank contributes (local loss, grad norm); the
+all-gather gives every rank every rank's values. The monitor is then fed the mean loss
+(a NaN on any rank makes it NaN: non-finite anywhere counts for all) and the mean grad
+norm (identical on every rank under DDP, whose gradients are already averaged). The
+monitor is deterministic, so each rank's replica decides exactly what rank 0 decides,
+at the same step, with no broadcast. Only rank 0 reports (logs, sinks); the other ranks
+stay silent. The gathered values are kept for a while, so an incident can say which
+rank(s) saw the spike: bad data on one rank, or a problem of the whole model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from spikewatch.errors import SpikewatchError
+
+Number = torch.Tensor | float | int
+
+
+class PeerFailureError(SpikewatchError):
+    """A guard collective failed or timed out: a peer rank died or stalled."""
+
+
+class Lockstep:
+    """The per-step collective of a guarded distributed run.
+
+    Args:
+        group: the process group (default: the world).
+        keep: how many steps of per-rank values to keep for attribution.
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None = None, *, keep: int = 256) -> None:
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        self.keep = keep
+        self._gathered: OrderedDict[int, torch.Tensor] = OrderedDict()
+
+    @staticmethod
+    def active() -> bool:
+        """True inside an initialised process group with more than one rank."""
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+    def combine(
+        self, step: int, loss: Number, grad_norm: Number | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """All-gather (loss, grad norm); return the means every rank will decide on."""
+        device = loss.device if isinstance(loss, torch.Tensor) else torch.device("cpu")
+        local = torch.stack([_scalar(loss, device), _scalar(grad_norm, device)])
+        flat = torch.empty(2 * self.world_size, dtype=torch.float32, device=device)
+        try:
+            _ALL_GATHER(flat, local, group=self.group)
+        except (RuntimeError, dist.DistBackendError) as exc:
+            raise PeerFailureError(
+                f"rank {self.rank}/{self.world_size}: the guard's all-gather at step {step} "
+                f"failed ({str(exc).splitlines()[0]}); a peer rank probably died or stalled. "
+                "Stopping here instead of hanging: check the other ranks' logs, then resume "
+                "from the last checkpoint (the process group's timeout bounds the wait)"
+            ) from exc
+        gathered = flat.view(self.world_size, 2)
+        self._gathered[step] = gathered
+        while len(self._gathered) > self.keep:
+            self._gathered.popitem(last=False)
+        mean = gathered.mean(dim=0)
+        return mean[0], None if grad_norm is None else mean[1]
+
+    def ranks_at(self, step: int) -> list[float] | None:
+        """Each rank's local loss at ``step`` (reads the device once), if still kept."""
+        gathered = self._gathered.get(step)
+        return None if gathered is None else [row[0] for row in gathered.tolist()]
+
+    def attribution(self, step: int) -> str:
+        """Which rank(s) saw the loss jump at ``step``, as a phrase for an incident."""
+        losses = self.ranks_at(step)
+        if losses is None:
+            return "per-rank losses no longer kept"
+        finite = [x for x in losses if math.isfinite(x)]
+        low = min(finite) if finite else math.nan
+        odd = [r for r, x in enumerate(losses) if not math.isfinite(x) or x > low + 0.1 * abs(low)]
+        shown = ", ".join(f"{x:.4g}" for x in losses)
+        if not odd or len(odd) == len(losses):
+            return f"all {len(losses)} ranks alike (losses {shown})"
+        return f"rank(s) {odd} saw it (losses by rank: {shown})"
+
+    def clear(self) -> None:
+        """Forget kept values (after a rollback the steps are replayed)."""
+        self._gathered.clear()
+
+
+# torch >= 2.13 names it all_gather_single; older releases all_gather_into_tensor.
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def _scalar(x: Number | None, device: torch.device) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.detach().reshape(()).to(device=device, dtype=torch.float32)
+    return torch.tensor(math.nan if x is None else float(x), dtype=torch.float32, device=device)
+
+
+def default_timeout() -> timedelta:
+    """The timeout to pass to ``init_process_group`` so a dead peer cannot hang the guard."""
+    return timedelta(minutes=10)

@@ -1,0 +1,79 @@
+"""Two ranks with gloo (torch.multiprocessing.spawn, file store): lockstep rollbacks."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
+
+from spikewatch.policy import PolicyConfig
+from spikewatch.settings import MonitorConfig
+from spikewatch_hooks.guard import SpikeGuard
+
+STEPS = 300
+POISON = range(200, 230)  # global batch positions; only rank 1's shard is bad
+
+
+def _shard(position: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 * position + rank)
+    x = torch.randn(32, 8, generator=g)
+    y = x.sum(dim=1, keepdim=True)
+    if rank == 1 and position in POISON:
+        y = -20.0 * y  # a corrupted shard on one rank only
+    return x, y
+
+
+def _worker(rank: int, store: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = DistributedDataParallel(
+        torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    config = MonitorConfig(policy=PolicyConfig(margin=10, skip_ahead=30))
+    guard = SpikeGuard(model=model, optimizer=opt, config=config, snapshot_every=10)
+    losses = []
+    for x, y in guard.batches(_shard(p, rank) for p in range(10_000)):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        guard.step(loss=loss, grad_norm=grad_norm)
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if guard.step_count >= STEPS:
+            break
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(2)]
+    dist.all_gather(gathered, flat)
+    stats = guard.stats
+    result = {
+        "rank": rank,
+        "rollbacks": stats["rollbacks"],
+        "ledger": stats["skip_ledger"],
+        "step_count": guard.step_count,
+        "identical": bool(torch.equal(gathered[0], gathered[1])),
+        "final_loss": sum(losses[-20:]) / 20,
+        "ranks": stats["last_incident_ranks"],
+    }
+    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+def test_a_bad_shard_on_one_rank_rolls_back_every_rank_alike(tmp_path: Path) -> None:
+    mp.spawn(_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["rollbacks"] >= 1
+    assert r0["rollbacks"] == r1["rollbacks"]
+    assert r0["ledger"] == r1["ledger"]
+    assert r0["step_count"] == r1["step_count"] == STEPS
+    assert r0["identical"] and r1["identical"]
+    start, stop = r0["ledger"][0]
+    assert start <= POISON.start and stop >= POISON.stop
+    assert "rank(s) [1] saw it" in r0["ranks"]
+    assert math.isfinite(r0["final_loss"]) and r0["final_loss"] < 1.0
