@@ -41,7 +41,7 @@ def _worker(rank: int, store: str, out: str) -> None:
     losses = []
     for x, y in guard.batches(_shard(p, rank) for p in range(10_000)):
         loss = torch.nn.functional.mse_loss(model(x), y)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         guard.step(loss=loss, grad_norm=grad_norm)
         opt.zero_grad(set_to_none=True)
@@ -66,7 +66,7 @@ def _worker(rank: int, store: str, out: str) -> None:
 
 
 def test_a_bad_shard_on_one_rank_rolls_back_every_rank_alike(tmp_path: Path) -> None:
-    mp.spawn(_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)  # type: ignore[attr-defined,no-untyped-call]
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["rollbacks"] >= 1
     assert r0["rollbacks"] == r1["rollbacks"]
