@@ -156,6 +156,10 @@ class SpikewatchCallback(TrainerCallback):
             keep_snapshots=self.keep_snapshots,
             run_id=self.run_id,
         )
+        # Under DDP the Trainer logs the loss already averaged over ranks and the grads are
+        # averaged, so every rank's engine decides alike with no extra collective; only
+        # the main process speaks.
+        self._engine.reporting = state.is_world_process_zero
         self._params = [p for g in optimizer.param_groups for p in g["params"]]
         self._target = state.max_steps - state.global_step
         self._position = self._observed = -1

@@ -60,6 +60,7 @@ from spikewatch.records import Decision
 from spikewatch.settings import MonitorConfig
 from spikewatch.transport import EmbeddedTransport, Transport
 from spikewatch.validation import check_int
+from spikewatch_hooks.distributed import Lockstep
 from spikewatch_hooks.engine import GuardEngine, check_components
 
 log = logging.getLogger(__name__)
@@ -172,6 +173,8 @@ class SpikewatchCallback(pl.Callback):
             snapshot_every=self.snapshot_every,
             keep_snapshots=self.keep_snapshots,
             run_id=self.run_id,
+            # Under DDP each rank sees its own loss: decide on the all-gathered values.
+            lockstep=Lockstep() if Lockstep.active() else None,
         )
         if self._restored is not None:
             self._resume(self._restored)
@@ -335,11 +338,4 @@ def _check_setup(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
             trainer.accumulate_grad_batches,
             "use 1 with SpikewatchCallback (a larger batch size instead): it decides "
             "per optimizer step and numbers batches one per step",
-        )
-    if trainer.world_size != 1:
-        raise bad_value(
-            "world_size",
-            trainer.world_size,
-            "run SpikewatchCallback on one device: its decisions are not yet shared "
-            "across ranks, which would then diverge",
         )
