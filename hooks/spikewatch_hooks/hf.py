@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import replace
 from typing import Any, cast
 
 import torch
@@ -56,10 +55,10 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from spikewatch.errors import SpikewatchError, bad_value
-from spikewatch.monitor import Monitor
 from spikewatch.settings import MonitorConfig
-from spikewatch.transport import EmbeddedTransport, Transport
-from spikewatch_hooks.engine import GuardEngine, check_components
+from spikewatch.transport import Transport
+from spikewatch_hooks.engine import GuardEngine
+from spikewatch_hooks.options import GuardOptions
 
 log = logging.getLogger(__name__)
 
@@ -91,17 +90,16 @@ class SpikewatchCallback(TrainerCallback):
         margin: int | None = None,
         transport: Transport | None = None,
     ) -> None:
-        config = config or MonitorConfig()
-        if margin is not None:  # PolicyConfig validates it (margin=-1 -> a clear error)
-            config = replace(config, policy=replace(config.policy, margin=margin))
-        for name, value in (("snapshot_every", snapshot_every), ("keep_snapshots", keep_snapshots)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise bad_value(name, value, "use an integer >= 1")
-        self.run_id = run_id
-        self.config = config
-        self.snapshot_every = snapshot_every
-        self.keep_snapshots = keep_snapshots
-        self.transport = transport or EmbeddedTransport(Monitor(run=run_id, config=config))
+        self.options = GuardOptions.build(
+            run_id=run_id,
+            config=config,
+            snapshot_every=snapshot_every,
+            keep_snapshots=keep_snapshots,
+            margin=margin,
+            transport=transport,
+        )
+        self.run_id, self.config = run_id, self.options.config
+        self.transport = self.options.transport
         self._engine: GuardEngine | None = None
         self._params: list[torch.Tensor] = []
         self._target = 0  # optimizer steps this train() call owes on the surviving branch
@@ -137,25 +135,7 @@ class SpikewatchCallback(TrainerCallback):
     ) -> None:
         """Build the engine from the live training objects; fail fast on wrong settings."""
         model, optimizer, scheduler = _live_objects(args, state, kwargs)
-        check_components(
-            model=model,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            snapshot_every=self.snapshot_every,
-            keep_snapshots=self.keep_snapshots,
-            checkpoint_every=0,
-            checkpoint_dir=None,
-        )
-        self._engine = GuardEngine(
-            model,
-            optimizer,
-            scheduler,
-            transport=self.transport,
-            config=self.config,
-            snapshot_every=self.snapshot_every,
-            keep_snapshots=self.keep_snapshots,
-            run_id=self.run_id,
-        )
+        self._engine = self.options.engine(model, optimizer, scheduler)
         # Under DDP the Trainer logs the loss already averaged over ranks and the grads are
         # averaged, so every rank's engine decides alike with no extra collective; only
         # the main process speaks.

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import replace
 from typing import Any
 
 import lightning.pytorch as pl
@@ -55,13 +54,12 @@ import torch
 from lightning.pytorch.core.optimizer import LightningOptimizer
 
 from spikewatch.errors import bad_value
-from spikewatch.monitor import Monitor
 from spikewatch.records import Decision
 from spikewatch.settings import MonitorConfig
-from spikewatch.transport import EmbeddedTransport, Transport
-from spikewatch.validation import check_int
+from spikewatch.transport import Transport
 from spikewatch_hooks.distributed import Lockstep
-from spikewatch_hooks.engine import GuardEngine, check_components
+from spikewatch_hooks.engine import GuardEngine
+from spikewatch_hooks.options import GuardOptions
 
 log = logging.getLogger(__name__)
 
@@ -101,19 +99,16 @@ class SpikewatchCallback(pl.Callback):
         transport: Transport | None = None,
         margin: int | None = None,
     ) -> None:
-        if not isinstance(run_id, str) or not run_id:
-            raise bad_value("run_id", run_id, "use a non-empty string naming the run")
-        if config is not None and not isinstance(config, MonitorConfig):
-            raise bad_value("config", config, "pass a MonitorConfig (from_mapping builds one)")
-        config = config or MonitorConfig()
-        if margin is not None:  # PolicyConfig validates it (margin=-1 -> a clear error)
-            config = replace(config, policy=replace(config.policy, margin=margin))
-        self.run_id = run_id
-        self.config = config
-        self.snapshot_every = check_int("snapshot_every", snapshot_every, minimum=1)
-        self.keep_snapshots = check_int("keep_snapshots", keep_snapshots, minimum=1)
-        self.margin = margin
-        self.transport = transport or EmbeddedTransport(Monitor(run=run_id, config=config))
+        self.options = GuardOptions.build(
+            run_id=run_id,
+            config=config,
+            snapshot_every=snapshot_every,
+            keep_snapshots=keep_snapshots,
+            margin=margin,
+            transport=transport,
+        )
+        self.run_id, self.config = run_id, self.options.config
+        self.transport = self.options.transport
         self.engine: GuardEngine | None = None
         self._batches_seen = 0
         self._position = 0
@@ -155,27 +150,9 @@ class SpikewatchCallback(pl.Callback):
         optimizer = _unwrap(trainer.optimizers[0])
         configs = trainer.lr_scheduler_configs
         scheduler = configs[0].scheduler if configs else None
-        check_components(
-            model=pl_module,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            snapshot_every=self.snapshot_every,
-            keep_snapshots=self.keep_snapshots,
-            checkpoint_every=0,
-            checkpoint_dir=None,
-        )
-        self.engine = GuardEngine(
-            pl_module,
-            optimizer,
-            scheduler,
-            transport=self.transport,
-            config=self.config,
-            snapshot_every=self.snapshot_every,
-            keep_snapshots=self.keep_snapshots,
-            run_id=self.run_id,
-            # Under DDP each rank sees its own loss: decide on the all-gathered values.
-            lockstep=Lockstep() if Lockstep.active() else None,
-        )
+        # Under DDP each rank sees its own loss: decide on the all-gathered values.
+        lockstep = Lockstep() if Lockstep.active() else None
+        self.engine = self.options.engine(pl_module, optimizer, scheduler, lockstep=lockstep)
         if self._restored is not None:
             self._resume(self._restored)
         self._restored = None
