@@ -14,7 +14,9 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -25,7 +27,7 @@ from spikewatch.monitor import Monitor
 from spikewatch.records import Decision
 from spikewatch.settings import MonitorConfig
 from spikewatch.transport import EmbeddedTransport, Transport
-from spikewatch_hooks.checkpoint import load_checkpoint, save_checkpoint
+from spikewatch_hooks.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from spikewatch_hooks.distributed import Lockstep
 from spikewatch_hooks.engine import GuardEngine, check_components
 
@@ -188,20 +190,62 @@ class SpikeGuard:
 
     # -- disk checkpoints -------------------------------------------------------------
     def save_checkpoint(self, path: str | os.PathLike[str]) -> None:
-        """Write model, optimizer, scheduler, RNG and guard state atomically to ``path``."""
-        save_checkpoint(path, self.engine.checkpoint_payload())
+        """Write model, optimizer, scheduler, RNG and guard state atomically to ``path``.
+
+        One process: a single verified file (`checkpoint.save_checkpoint`). Under
+        ``torch.distributed``, or when ``path`` is an existing folder: a sharded
+        ``torch.distributed.checkpoint`` folder (`dist_checkpoint.save_distributed`),
+        which every rank must write at the same step. Returns once it is on disk.
+        """
+        if self.engine.lockstep is not None or os.path.isdir(path):
+            # Imported when first needed: torch.distributed.checkpoint takes ~1 s to import.
+            from spikewatch_hooks.dist_checkpoint import save_distributed  # noqa: PLC0415
+
+            save_distributed(self.engine, path).result()
+        else:
+            save_checkpoint(path, self.engine.checkpoint_payload())
 
     def resume(self, path: str | os.PathLike[str]) -> None:
-        """Load a checkpoint into the live objects; `batches` then continues after it."""
-        payload = load_checkpoint(path)
-        self.engine.load_checkpoint_payload(payload)
-        self._resume_position = int(payload["guard"]["next_position"])
+        """Load a checkpoint into the live objects; `batches` then continues after it.
+
+        A folder is a distributed checkpoint (`dist_checkpoint.load_distributed`): it
+        loads on the world size it was saved on, on another one, or in one process; the
+        skip ledger, kept in global data positions, holds on every rank. A file is a
+        single-process checkpoint.
+        """
+        if os.path.isdir(path):
+            from spikewatch_hooks.dist_checkpoint import load_distributed  # noqa: PLC0415
+
+            guard = load_distributed(self.engine, path)
+        else:
+            payload = load_checkpoint(path)
+            self.engine.load_checkpoint_payload(payload)
+            guard = payload["guard"]
+        self._resume_position = int(guard["next_position"])
 
     def _auto_checkpoint(self) -> None:
+        """Write ``spikewatch-latest.pt`` (one process) or the ``spikewatch-latest``
+        folder (distributed: written in the background; the next save waits for it).
+        A failed write is counted and logged; training goes on."""
         assert self.checkpoint_dir is not None  # checked at construction
-        path = os.path.join(os.fspath(self.checkpoint_dir), "spikewatch-latest.pt")
+        distributed = self.engine.lockstep is not None
+        name = "spikewatch-latest" if distributed else "spikewatch-latest.pt"
+        path = os.path.join(os.fspath(self.checkpoint_dir), name)
+
+        def report(done: Future[Path]) -> None:  # on the background writer's thread
+            if done.exception() is not None:
+                self.engine.count("checkpoint_failures")
+                log.error(
+                    "spikewatch could not write %s (%s); training continues", path, done.exception()
+                )
+
         try:
-            self.save_checkpoint(path)
-        except OSError:
+            if distributed:
+                from spikewatch_hooks.dist_checkpoint import save_distributed  # noqa: PLC0415
+
+                save_distributed(self.engine, path, async_save=True).add_done_callback(report)
+            else:
+                self.save_checkpoint(path)
+        except (OSError, CheckpointError):
             self.engine.count("checkpoint_failures")
             log.exception("spikewatch could not write %s; training continues", path)
