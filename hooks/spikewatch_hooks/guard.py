@@ -15,7 +15,6 @@ import logging
 import os
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,13 +22,13 @@ import torch
 from torch import nn
 
 from spikewatch.errors import bad_value
-from spikewatch.monitor import Monitor
 from spikewatch.records import Decision
 from spikewatch.settings import MonitorConfig
 from spikewatch.transport import EmbeddedTransport, Transport
 from spikewatch_hooks.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from spikewatch_hooks.distributed import Lockstep
-from spikewatch_hooks.engine import GuardEngine, check_components
+from spikewatch_hooks.engine import check_components
+from spikewatch_hooks.options import GuardOptions
 
 log = logging.getLogger(__name__)
 _B = TypeVar("_B")
@@ -89,9 +88,6 @@ class SpikeGuard:
         margin: int | None = None,
         distributed: bool | None = None,
     ) -> None:
-        config = config or MonitorConfig()
-        if margin is not None:  # PolicyConfig validates it (margin=-1 -> a clear error)
-            config = replace(config, policy=replace(config.policy, margin=margin))
         check_components(
             model=model,
             optimizer=optimizer,
@@ -101,9 +97,16 @@ class SpikeGuard:
             checkpoint_every=checkpoint_every,
             checkpoint_dir=checkpoint_dir,
         )
-        self.run_id = run_id
-        self.config = config
-        self.transport = transport or EmbeddedTransport(Monitor(run=run_id, config=self.config))
+        self.options = GuardOptions.build(
+            run_id=run_id,
+            config=config,
+            snapshot_every=snapshot_every,
+            keep_snapshots=keep_snapshots,
+            margin=margin,
+            transport=transport,
+        )
+        self.run_id, self.config = run_id, self.options.config
+        self.transport = self.options.transport
         lockstep = None
         if distributed or (distributed is None and Lockstep.active()):
             if transport is not None and not isinstance(transport, EmbeddedTransport):
@@ -113,17 +116,7 @@ class SpikeGuard:
                     "use the embedded monitor under torch.distributed for now",
                 )
             lockstep = Lockstep()
-        self.engine = GuardEngine(
-            model,
-            optimizer,
-            scheduler,
-            transport=self.transport,
-            config=self.config,
-            snapshot_every=snapshot_every,
-            keep_snapshots=keep_snapshots,
-            run_id=run_id,
-            lockstep=lockstep,
-        )
+        self.engine = self.options.engine(model, optimizer, scheduler, lockstep=lockstep)
         self.checkpoint_dir = checkpoint_dir
         self.checkpoint_every = checkpoint_every
         self._resume_position = 0
