@@ -3,12 +3,13 @@
 Run ``python bench/dist_overhead.py [--json] [--quick] [--pairs N]``. Two spawned ranks
 (gloo on loopback, one torch thread each) run, in order:
 
-1. the guard's collective alone: ``Lockstep.combine`` (one all-gather of 2 floats per
-   rank) called back to back, timed per call;
+1. the guard's collective alone, per step: ``Lockstep.stage`` each step and one
+   ``Lockstep.gather`` (an all-gather of 8 x 2 floats per rank) every 8 steps, called
+   back to back and amortised per step;
 2. the model of ``examples/ddp_train.py`` trained by a bare DDP step (forward, backward,
    clip, ``optimizer.step()``, ``scheduler.step()``) and by a guarded one (the same with
    ``guard.step``), one of each in turn (AB, BA, ...) on clean data, wall-clock per
-   step. Inside the guarded step ``combine`` is timed too (in the loop it also waits
+   step. Inside the guarded step the gather is timed too (in the loop it also waits
    for the slower rank), and so is the rest of ``guard.step`` less the optimizer's and
    scheduler's ``step`` (the guard's local work: detectors, snapshots; see
    ``bench/overhead.py``), with ``overhead.Probe``.
@@ -39,8 +40,9 @@ import torch.multiprocessing as mp
 
 from overhead import Probe  # bench/ is the script's folder
 from spikewatch_hooks import distributed
-from spikewatch_hooks.distributed import Lockstep, Number
+from spikewatch_hooks.distributed import Lockstep
 from spikewatch_hooks.guard import SpikeGuard
+from spikewatch_hooks.values import StepValues
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ddp_train.py"
 WORLD_SIZE = 2
@@ -59,29 +61,34 @@ def load_example() -> ModuleType:
     return module
 
 
-def collective_alone(calls: int, warmup: int = 200) -> dict[str, list[float]]:
-    """µs per call, back to back, both ranks in step, interleaved call by call:
-    ``combine`` (the guard's collective), the raw all-gather it makes (gloo's floor),
-    and ``combine`` with the all-gather replaced by a local copy (its own CPU work)."""
+def collective_alone(calls: int, warmup: int = 200, every: int = 8) -> dict[str, list[float]]:
+    """µs per step, back to back, both ranks in step: the guard's collective amortised
+    (``every`` x ``Lockstep.stage`` + one ``Lockstep.gather``, divided by ``every``),
+    the raw all-gather of the same size (gloo's floor), and the same with the all-gather
+    replaced by a local copy (the guard's own CPU work)."""
     lockstep = Lockstep()
     loss, norm = torch.tensor(2.5), torch.tensor(1.0)
-    local, flat = torch.ones(2), torch.empty(2 * WORLD_SIZE)
+    local, flat = torch.ones(2 * every), torch.empty(2 * every * WORLD_SIZE)
     out: dict[str, list[float]] = {"combine": [], "all_gather": []}
-    for step in range(warmup + calls):
+    for step in range(0, (warmup + calls) * every, every):
         start = wall_ns()
-        lockstep.combine(step, loss, norm)
+        for k in range(every):
+            lockstep.stage(step + k, step + k, None, loss, norm)
+        lockstep.gather()
         middle = wall_ns()
         distributed._ALL_GATHER(flat, local)
-        out["combine"].append((middle - start) / 1e3)
-        out["all_gather"].append((wall_ns() - middle) / 1e3)
+        out["combine"].append((middle - start) / 1e3 / every)
+        out["all_gather"].append((wall_ns() - middle) / 1e3 / every)
     saved = distributed._ALL_GATHER
     distributed._ALL_GATHER = _local_gather
     try:
         out["combine_cpu"] = []
-        for step in range(warmup + calls):
+        for step in range(0, (warmup + calls) * every, every):
             start = wall_ns()
-            lockstep.combine(step, loss, norm)
-            out["combine_cpu"].append((wall_ns() - start) / 1e3)
+            for k in range(every):
+                lockstep.stage(step + k, step + k, None, loss, norm)
+            lockstep.gather()
+            out["combine_cpu"].append((wall_ns() - start) / 1e3 / every)
     finally:
         distributed._ALL_GATHER = saved
     return {k: v[warmup:] for k, v in out.items()}
@@ -121,19 +128,19 @@ class Training:
         self.stream = stream
 
     def _time_combine(self) -> None:
+        """Time the guard's collective: the gather every few steps (0 on other steps)."""
         assert self.guard is not None and self.guard.engine.lockstep is not None
         lockstep = self.guard.engine.lockstep
-        inner = lockstep.combine
+        inner = lockstep.gather
+        self._gather_us = 0.0
 
-        def timed(
-            step: int, loss: Number, grad_norm: Number | None
-        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        def timed() -> list[StepValues]:
             start = wall_ns()
-            result = inner(step, loss, grad_norm)
-            self.combine_us.append((wall_ns() - start) / 1e3)
+            result = inner()
+            self._gather_us += (wall_ns() - start) / 1e3
             return result
 
-        lockstep.combine = timed  # type: ignore[method-assign]
+        lockstep.gather = timed  # type: ignore[method-assign]
 
     def step(self) -> float:
         """One training step; its wall-clock ms."""
@@ -144,8 +151,10 @@ class Training:
             self.opt.step()
             self.sched.step()
         else:  # guard.step, its own time (less the optimizer's and scheduler's) noted
+            self._gather_us = 0.0
             own_us = self.probe.step(loss, grad_norm)["own"] / 1e3
-            self.local_us.append(own_us - self.combine_us[-1])
+            self.combine_us.append(self._gather_us)
+            self.local_us.append(own_us - self._gather_us)
         self.opt.zero_grad(set_to_none=True)
         return (wall_ns() - start) / 1e6
 
@@ -241,11 +250,11 @@ def report_text(r: dict[str, Any]) -> str:
     """The table."""
     q, ql = r["collective_quartiles_us"], r["collective_in_loop_quartiles_us"]
     rows = [
-        ("Lockstep.combine alone (µs)", f"{r['collective_us']:.1f}",
+        ("guard collective per step, alone (µs)", f"{r['collective_us']:.1f}",
          f"{q[0]:.1f}..{q[2]:.1f} ({r['collective_calls']} calls)"),
         ("  of which gloo all-gather, raw (µs)", f"{r['raw_all_gather_us']:.1f}", "same calls"),
-        ("  of which combine's CPU work (µs)", f"{r['combine_cpu_us']:.1f}", "no collective"),
-        ("Lockstep.combine inside guarded step (µs)", f"{r['collective_in_loop_us']:.1f}",
+        ("  of which the guard's CPU work (µs)", f"{r['combine_cpu_us']:.1f}", "no collective"),
+        ("guard collective per step, in the loop (µs)", f"{r['collective_in_loop_us']:.1f}",
          f"{ql[0]:.1f}..{ql[2]:.1f}, mean {r['collective_in_loop_mean_us']:.1f} "
          "(waits for the slower rank)"),
         ("guard.step's local work, in the loop (µs)", f"{r['guard_local_us']:.1f}",
@@ -267,7 +276,7 @@ def report_text(r: dict[str, Any]) -> str:
             f"{r['threads_per_rank']} thread per rank; example model {r['params']:,} params",
             f"{'measure (rank 0)':<44}{'median':>10}  notes",
             *(f"{name:<44}{value:>10}  {note}" for name, value, note in rows),
-            f"rank 1: combine alone {r1['collective_us']:.1f} µs, in loop "
+            f"rank 1: collective alone {r1['collective_us']:.1f} µs, in loop "
             f"{r1['collective_in_loop_us']:.1f} µs, bare step {r1['step_ms_bare']:.2f} ms; "
             f"guard actions {r['guard_actions']}",
         ]

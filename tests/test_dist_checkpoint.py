@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -92,7 +93,7 @@ def _save_worker(rank: int, out: str) -> None:
     result = {"positions": positions, "first_done": first_done, "failures": failures}
     result["committed"] = committed
     torch.save({"saved": saved, "continued": _flat(model), **result}, f"{out}/save-{rank}.pt")
-    dist.destroy_process_group()
+    _leave()
 
 
 def _resume_worker(rank: int, out: str) -> None:
@@ -112,7 +113,15 @@ def _resume_worker(rank: int, out: str) -> None:
     torch.save(
         {"loaded": loaded, "continued": continued, **result, **single}, f"{out}/resume-{rank}.pt"
     )
-    dist.destroy_process_group()
+    _leave()
+
+
+def _leave() -> None:
+    """Exit a worker without interpreter teardown: gloo's threads sometimes abort the
+    process ("terminate called without an active exception") when Python shuts down
+    around them."""
+    dist.barrier()
+    os._exit(0)
 
 
 def _spawn(worker: Any, out: Path) -> None:

@@ -1,11 +1,15 @@
 """Lockstep across ranks: every rank sees the same numbers, so it takes the same decision.
 
-One small collective per step: each rank contributes (local loss, grad norm); the
-all-gather gives every rank every rank's values. The monitor is then fed the mean loss
+Each rank stages its (local loss, grad norm) per step; one all-gather per hand-off to
+the monitor (every ``monitor_every`` steps, 8 by default) gives every rank every rank's
+values. The monitor is then fed the mean loss
 (a NaN on any rank makes it NaN: non-finite anywhere counts for all) and the mean grad
 norm (identical on every rank under DDP, whose gradients are already averaged). The
 monitor is deterministic, so each rank's replica decides exactly what rank 0 decides,
-at the same step, with no broadcast. Only rank 0 reports (logs, sinks); the other ranks
+at the same step, with no broadcast. Between hand-offs no collective is needed: the
+immediate skip check reads only the grad norm, which DDP makes identical on every rank
+(a NaN loss on one rank makes the averaged gradients NaN everywhere), so every rank
+flags the same steps and joins the same gathers. Only rank 0 reports (logs, sinks); the other ranks
 stay silent. The gathered values are kept for a while, so an incident can say which
 rank(s) saw the spike: bad data on one rank, or a problem of the whole model.
 """
@@ -20,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from spikewatch.errors import SpikewatchError
+from spikewatch_hooks.values import StepValues
 
 Number = torch.Tensor | float | int
 
@@ -42,34 +47,56 @@ class Lockstep:
         self.world_size = dist.get_world_size(group)
         self.keep = keep
         self._gathered: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self._staged: list[tuple[int, int, float | None, torch.Tensor, bool]] = []
 
     @staticmethod
     def active() -> bool:
         """True inside an initialised process group with more than one rank."""
         return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
-    def combine(
-        self, step: int, loss: Number, grad_norm: Number | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """All-gather (loss, grad norm); return the means every rank will decide on."""
+    def stage(
+        self, step: int, position: int, lr: float | None, loss: Number, grad_norm: Number | None
+    ) -> None:
+        """Keep this step's local (loss, grad norm) on the device until the next `gather`."""
         device = loss.device if isinstance(loss, torch.Tensor) else torch.device("cpu")
         local = torch.stack([_scalar(loss, device), _scalar(grad_norm, device)])
-        flat = torch.empty(2 * self.world_size, dtype=torch.float32, device=device)
+        self._staged.append((step, position, lr, local, grad_norm is not None))
+
+    def __len__(self) -> int:
+        return len(self._staged)
+
+    def gather(self) -> list[StepValues]:
+        """One all-gather of every staged step; the means every rank will decide on.
+
+        Reads the gathered values on the host (on a GPU: one sync per gather).
+        """
+        if not self._staged:
+            return []
+        staged, self._staged = self._staged, []
+        local = torch.stack([s[3] for s in staged]).reshape(-1)
+        flat = torch.empty(
+            self.world_size * local.numel(), dtype=torch.float32, device=local.device
+        )
         try:
             _ALL_GATHER(flat, local, group=self.group)
         except (RuntimeError, dist.DistBackendError) as exc:
             raise PeerFailureError(
-                f"rank {self.rank}/{self.world_size}: the guard's all-gather at step {step} "
-                f"failed ({str(exc).splitlines()[0]}); a peer rank probably died or stalled. "
-                "Stopping here instead of hanging: check the other ranks' logs, then resume "
-                "from the last checkpoint (the process group's timeout bounds the wait)"
+                f"rank {self.rank}/{self.world_size}: the guard's all-gather at step "
+                f"{staged[-1][0]} failed ({str(exc).splitlines()[0]}); a peer rank probably "
+                "died or stalled. Stopping here instead of hanging: check the other ranks' "
+                "logs, then resume from the last checkpoint (the process group's timeout "
+                "bounds the wait)"
             ) from exc
-        gathered = flat.view(self.world_size, 2)
-        self._gathered[step] = gathered
+        per_rank = flat.view(self.world_size, len(staged), 2)
+        for i, s in enumerate(staged):
+            self._gathered[s[0]] = per_rank[:, i, :]
         while len(self._gathered) > self.keep:
             self._gathered.popitem(last=False)
-        mean = gathered.mean(dim=0)
-        return mean[0], None if grad_norm is None else mean[1]
+        means = per_rank.mean(dim=0).tolist()
+        return [
+            StepValues(step, position, lr, m[0], m[1] if has_grad else None)
+            for (step, position, lr, _, has_grad), m in zip(staged, means, strict=True)
+        ]
 
     def ranks_at(self, step: int) -> list[float] | None:
         """Each rank's local loss at ``step`` (reads the device once), if still kept."""
@@ -90,8 +117,9 @@ class Lockstep:
         return f"rank(s) {odd} saw it (losses by rank: {shown})"
 
     def clear(self) -> None:
-        """Forget kept values (after a rollback the steps are replayed)."""
+        """Forget kept and staged values (after a rollback the steps are replayed)."""
         self._gathered.clear()
+        self._staged.clear()
 
 
 # torch >= 2.13 names it all_gather_single; older releases all_gather_into_tensor.

@@ -92,15 +92,21 @@ class GuardEngine:
             return None
         if data_position is not None:
             self.position = data_position
+        lr = self._lr()
         if self.lockstep is not None:
-            loss, grad_norm = self.lockstep.combine(self.step_count, loss, grad_norm)
+            self.lockstep.stage(self.step_count, self.position, lr, loss, grad_norm)
         self._device_skip(loss, grad_norm)
-        self.values.push(self.step_count, self.position, self._lr(), loss, grad_norm)
+        self.values.push(self.step_count, self.position, lr, loss, grad_norm)
         # Records go to the monitor in batches (one hand-off per monitor_every steps costs
         # far less than one per step); a suspicious step is handed over at once, so its
         # skip is decided before the optimizer steps.
         if len(self.values) < self.monitor_every and not self._suspicious():
             return None
+        if self.lockstep is not None:
+            ready = self.lockstep.gather()  # every rank gathers at the same step
+            self.values.clear()
+        else:
+            ready = self.values.ready()
         records = [
             StepRecord(
                 run=self.run_id,
@@ -110,7 +116,7 @@ class GuardEngine:
                 lr=v.lr,
                 data_position=v.position,
             )
-            for v in self.values.ready()
+            for v in ready
         ]
         decisions = self.transport.submit(records) if records else []
         self._skip_threshold = self.transport.skip_threshold()
@@ -121,8 +127,10 @@ class GuardEngine:
         if latest is None:  # not on the host yet (GPU): the device-side skip covers it
             return False
         loss, grad = latest
-        if grad is None:
-            return not math.isfinite(loss)
+        if grad is None:  # under torch.distributed: no global value, hand over every step
+            return self.lockstep is not None or not math.isfinite(loss)
+        if self.lockstep is not None:  # only the grad norm is the same on every rank
+            return not math.isfinite(grad) or grad > self._skip_threshold
         return not (math.isfinite(loss) and math.isfinite(grad)) or grad > self._skip_threshold
 
     def apply(self, decision: Decision | None) -> str:
@@ -300,6 +308,8 @@ class GuardEngine:
         if not getattr(self.optimizer, "_step_supports_amp_scaling", False):
             return
         bad = ~torch.isfinite(loss.detach().float())
+        if self.lockstep is not None:  # the local loss differs by rank; the grad norm not
+            bad = torch.zeros_like(bad)
         if isinstance(grad_norm, torch.Tensor):
             bad = bad | ~torch.isfinite(grad_norm.detach().float())
         self.optimizer.found_inf = bad.float().reshape(())  # type: ignore[attr-defined]
