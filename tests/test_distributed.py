@@ -18,6 +18,7 @@ from spikewatch_hooks.guard import SpikeGuard
 
 STEPS = 300
 POISON = range(200, 230)  # global batch positions; only rank 1's shard is bad
+NAN_AT = 100
 
 
 def _shard(position: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -26,6 +27,8 @@ def _shard(position: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     y = x.sum(dim=1, keepdim=True)
     if rank == 1 and position in POISON:
         y = -20.0 * y  # a corrupted shard on one rank only
+    if rank == 1 and position == NAN_AT:
+        y = torch.full_like(y, float("nan"))  # a NaN loss on one rank counts for all
     return x, y
 
 
@@ -56,6 +59,7 @@ def _worker(rank: int, store: str, out: str) -> None:
     result = {
         "rank": rank,
         "rollbacks": stats["rollbacks"],
+        "skipped_steps": stats["skipped_steps"],
         "ledger": stats["skip_ledger"],
         "step_count": guard.step_count,
         "identical": bool(torch.equal(gathered[0], gathered[1])),
@@ -74,6 +78,7 @@ def test_a_bad_shard_on_one_rank_rolls_back_every_rank_alike(tmp_path: Path) -> 
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["rollbacks"] >= 1
     assert r0["rollbacks"] == r1["rollbacks"]
+    assert r0["skipped_steps"] == r1["skipped_steps"] >= 1  # the NaN step, on both ranks alike
     assert r0["ledger"] == r1["ledger"]
     assert r0["step_count"] == r1["step_count"] == STEPS
     assert r0["identical"] and r1["identical"]
