@@ -3,8 +3,9 @@
 Two gloo ranks (spawned processes, file store, a 5 s process-group timeout) train a DDP
 model under `SpikeGuard`. At step ``FAIL_AT`` rank 1 fails right after its backward, so
 DDP's gradient all-reduce has completed and the next collective is the guard's own
-all-gather. Plain processes (not ``mp.spawn``, which raises when a child dies) with
-join timeouts bound the test even if the guard hung.
+all-gather (that step is one where the guard gathers). Plain processes (not
+``mp.spawn``, which raises when a child dies) with join timeouts bound the test even if
+the guard hung.
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ from spikewatch_hooks.distributed import PeerFailureError
 from spikewatch_hooks.guard import SpikeGuard
 
 TIMEOUT_S = 5.0  # the process group's timeout: bounds the wait for a stalled peer
-FAIL_AT = 40  # guarded steps before rank 1 fails
+# Rank 1 fails at a step where the guard hands records to the monitor (every
+# monitor_every = 8 steps: after steps 7, 15, ...), so the guard's all-gather is the next
+# collective rank 0 meets; at other steps it would be DDP's all-reduce in backward.
+FAIL_AT = 5 * 8 - 1
 JOIN_S = 60.0  # the whole test's bound: start-up, FAIL_AT steps, the timeout, exit
 Failure = Literal["dies", "stalls"]
 
