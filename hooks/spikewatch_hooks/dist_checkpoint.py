@@ -33,12 +33,9 @@ Example (one process, no process group):
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import logging
 import os
-import pickle
 import random
 import shutil
 import warnings
@@ -59,12 +56,21 @@ from torch.distributed.checkpoint.state_dict_saver import async_save as dcp_asyn
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from spikewatch_hooks.checkpoint import CheckpointError
+from spikewatch_hooks.dist_files import (
+    FORMAT,
+    GUARD_FILE,
+    atomic_write,
+    canonical,
+    fsync_dir,
+    read_header,
+    read_verified,
+    sha256,
+    torch_bytes,
+)
 from spikewatch_hooks.engine import GuardEngine
 from spikewatch_hooks.rng import rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
-GUARD_FILE = "guard.json"
-FORMAT = "spikewatch-dcp 1"
 _T = TypeVar("_T")
 
 
@@ -95,8 +101,8 @@ def save_distributed(
     group, rank, world = _group(engine)
     staging = target.with_name(f".{target.name}.partial")
     _together(group, lambda: _prepare(target, staging) if rank == 0 else None, "prepare")
-    rng_file, rng = staging / f"rng-rank{rank}.pt", _torch_bytes(rng_state())
-    _together(group, lambda: _atomic_write(rng_file, rng), f"write {rng_file}")
+    rng_file, rng = staging / f"rng-rank{rank}.pt", torch_bytes(rng_state())
+    _together(group, lambda: atomic_write(rng_file, rng), f"write {rng_file}")
     # Rank 0's small files are serialised now: training may change them during an async save.
     header = _guard_header(engine, world) if rank == 0 else None
     fresh = not engine.optimizer.state  # get_state_dict fills an empty state with zeros
@@ -130,7 +136,7 @@ def load_distributed(engine: GuardEngine, directory: str | os.PathLike[str]) -> 
     """
     source = Path(directory)
     wait_for_save(engine)
-    header = _read_header(source)
+    header = read_header(source)
     group, rank, _ = _group(engine)
     model_sd, optim_sd = get_state_dict(engine.model, engine.optimizer)
     state: dict[str, Any] = {"model": model_sd, "optimizer": optim_sd}
@@ -143,7 +149,7 @@ def load_distributed(engine: GuardEngine, directory: str | os.PathLike[str]) -> 
     )
     digest = header["scheduler_sha256"]
     if engine.scheduler is not None and digest is not None:
-        engine.scheduler.load_state_dict(_read_verified(source / "scheduler.pt", digest))
+        engine.scheduler.load_state_dict(read_verified(source / "scheduler.pt", digest))
     _load_rng(source, rank)
     guard: dict[str, Any] = header["guard"]
     engine.load_guard_state(guard)
@@ -176,13 +182,13 @@ def _prepare(target: Path, staging: Path) -> None:
 
 
 def _guard_header(engine: GuardEngine, world: int) -> dict[str, Any]:
-    scheduler = None if engine.scheduler is None else _torch_bytes(engine.scheduler.state_dict())
+    scheduler = None if engine.scheduler is None else torch_bytes(engine.scheduler.state_dict())
     body = {
         "format": FORMAT,
         "world_size": world,
         "torch": torch.__version__,
         "guard": engine.guard_state(),
-        "scheduler_sha256": None if scheduler is None else _sha256(scheduler),
+        "scheduler_sha256": None if scheduler is None else sha256(scheduler),
     }
     body = json.loads(json.dumps(body))  # plain JSON types, so the digest survives reading
     return {"body": body, "scheduler": scheduler}
@@ -193,16 +199,16 @@ def _commit(staging: Path, target: Path, header: dict[str, Any] | None) -> None:
     if header is None:
         return
     if header["scheduler"] is not None:
-        _atomic_write(staging / "scheduler.pt", header["scheduler"])
+        atomic_write(staging / "scheduler.pt", header["scheduler"])
     body = header["body"]
-    text = json.dumps({"sha256": _sha256(_canonical(body)), "checkpoint": body}, indent=1)
-    _atomic_write(staging / GUARD_FILE, text.encode())
+    text = json.dumps({"sha256": sha256(canonical(body)), "checkpoint": body}, indent=1)
+    atomic_write(staging / GUARD_FILE, text.encode())
     old = target.with_name(f".{target.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if target.exists():
         os.replace(target, old)
     os.replace(staging, target)
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -259,62 +265,19 @@ def _wait(saves: _Saves) -> None:
 
 
 # -- loading ---------------------------------------------------------------------------
-def _read_header(source: Path) -> dict[str, Any]:
-    path = source / GUARD_FILE
-    old = source.with_name(f".{source.name}.old")
-    if not path.exists():
-        fix = (
-            f"an interrupted save left the previous checkpoint in {old}; rename it to {source}"
-            if (old / GUARD_FILE).exists()
-            else "the save did not finish or this is not a checkpoint folder; resume from "
-            "an older checkpoint"
-        )
-        raise CheckpointError(f"{path} is missing: {fix}")
-    try:
-        wrapper = json.loads(path.read_text())
-        body, digest = wrapper["checkpoint"], wrapper["sha256"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(
-            f"{path}: unreadable ({exc}); the file is damaged, resume from an older checkpoint"
-        ) from exc
-    if not isinstance(body, dict) or _sha256(_canonical(body)) != digest:
-        raise CheckpointError(
-            f"{path}: checksum mismatch (edited, truncated or corrupted); "
-            "resume from an older checkpoint"
-        )
-    if body.get("format") != FORMAT:
-        raise CheckpointError(
-            f"{path}: format {body.get('format')!r}, not {FORMAT!r}; resume with the "
-            "spikewatch version that wrote it"
-        )
-    return body
-
-
 def _load_rng(source: Path, rank: int) -> None:
     own = source / f"rng-rank{rank}.pt"
     if own.exists():
-        set_rng_state(_read_verified(own, None))
+        set_rng_state(read_verified(own, None))
         return
     # More ranks than were saved: rank 0's generators, then a seed drawn from them and
     # offset by the rank, so the new ranks draw different numbers, reproducibly.
-    set_rng_state(_read_verified(source / "rng-rank0.pt", None))
+    set_rng_state(read_verified(source / "rng-rank0.pt", None))
     seed = int(torch.randint(0, 2**62, (1,)).item()) + rank
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     log.info("spikewatch: %s has no RNG state for rank %d; derived from rank 0's", source, rank)
-
-
-def _read_verified(path: Path, digest: str | None) -> Any:
-    try:
-        data = path.read_bytes()
-        if digest is not None and _sha256(data) != digest:
-            raise CheckpointError(f"{path}: checksum mismatch; resume from an older checkpoint")
-        return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
-        raise CheckpointError(
-            f"{path}: unreadable ({exc}); resume from an older checkpoint"
-        ) from exc
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -359,34 +322,3 @@ def _dcp_error(where: Path, exc: BaseException) -> CheckpointError:
         f"{where}: torch.distributed.checkpoint failed ({first}); check the folder "
         "(space, permissions) and that model and optimizer match the saved ones"
     )
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _torch_bytes(obj: Any) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
-
-
-def _canonical(body: Any) -> bytes:
-    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
