@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -130,8 +129,3 @@ def _scalar(x: Number | None, device: torch.device) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x.detach().reshape(()).to(device=device, dtype=torch.float32)
     return torch.tensor(math.nan if x is None else float(x), dtype=torch.float32, device=device)
-
-
-def default_timeout() -> timedelta:
-    """The timeout to pass to ``init_process_group`` so a dead peer cannot hang the guard."""
-    return timedelta(minutes=10)

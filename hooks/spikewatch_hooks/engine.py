@@ -307,11 +307,12 @@ class GuardEngine:
             return
         if not getattr(self.optimizer, "_step_supports_amp_scaling", False):
             return
-        bad = ~torch.isfinite(loss.detach().float())
-        if self.lockstep is not None:  # the local loss differs by rank; the grad norm not
-            bad = torch.zeros_like(bad)
-        if isinstance(grad_norm, torch.Tensor):
-            bad = bad | ~torch.isfinite(grad_norm.detach().float())
+        # Under lockstep the local loss differs by rank and only the grad norm is global.
+        checked = [grad_norm] if self.lockstep is not None else [loss, grad_norm]
+        values = [x.detach().float().reshape(()) for x in checked if isinstance(x, torch.Tensor)]
+        if not values:
+            return
+        bad = ~torch.isfinite(torch.stack(values)).all()
         self.optimizer.found_inf = bad.float().reshape(())  # type: ignore[attr-defined]
         self.optimizer.grad_scale = None  # type: ignore[attr-defined]
 

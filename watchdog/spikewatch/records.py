@@ -17,7 +17,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar, get_args
 
@@ -252,13 +251,3 @@ def _check_field(kind: str, name: str, annotation: str, value: object, cls: type
     if annotation == "str":
         return _text(kind, name, value)
     return value
-
-
-def is_finite(value: float | None) -> bool:
-    """True for a finite float; None counts as finite (nothing to judge).
-
-    Example:
-        >>> is_finite(float("inf")), is_finite(None), is_finite(2.0)
-        (False, True, True)
-    """
-    return value is None or math.isfinite(value)
