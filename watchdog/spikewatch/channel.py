@@ -12,6 +12,7 @@ from spikewatch.changepoint import ChangePointLocaliser
 from spikewatch.detectors.drift import PageHinkleyDetector
 from spikewatch.detectors.nonfinite import NonFiniteDetector
 from spikewatch.detectors.robust import RobustSpikeDetector
+from spikewatch.fastpath import DriftState, RoutinePlan, plan_run, walk_drift
 from spikewatch.records import Metric, Signal, SignalKind
 from spikewatch.settings import MonitorConfig
 
@@ -85,6 +86,57 @@ class MetricChannel:
                 *self._scored(step, value),
             ]
         return self._scored(step, value)
+
+    def plan_routine(self, steps: list[int], values: list[float]) -> tuple[RoutinePlan, int] | None:
+        """Score values in bulk; return the plan and how many lead-in values are routine.
+
+        None when the channel is not steady (warm-up, a pending episode or NaN run), so
+        the caller must use `update`. Nothing changes until `advance_routine`.
+        """
+        if self._episode is not None or self.nonfinite.consecutive:
+            return None
+        plan = plan_run(self.spike, steps, values)
+        if plan is None:
+            return None
+        if self.drift is not None and plan.usable:
+            usable, plan.drift_after = walk_drift(
+                self._drift_state(), plan, self.drift, plan.usable
+            )
+            plan.usable = usable
+        return plan, plan.usable
+
+    def advance_routine(self, plan: RoutinePlan, count: int) -> None:
+        """Take the first ``count`` planned values as `update` would (no signals)."""
+        if count == 0:
+            return
+        values = plan.values[:count]
+        self._history.extend(zip(plan.steps[:count], values, strict=True))
+        self._count += count
+        self.nonfinite.passed()
+        last = count - 1
+        self.spike.accept_many(
+            values,
+            score=float(plan.scores.score[last]),
+            baseline=float(plan.scores.baseline[last]),
+            spread=float(plan.scores.spread[last]),
+        )
+        if self.drift is not None:
+            s = plan.drift_after
+            if count != plan.usable or s is None:
+                _, s = walk_drift(self._drift_state(), plan, self.drift, count)
+            self.drift.load_state_dict({"statistic": s.statistic, "since_zero": s.since_zero})
+            self._best_level, self._best_step = s.best_level, s.best_step
+            self._drift_onset = s.drift_onset
+
+    def _drift_state(self) -> DriftState:
+        assert self.drift is not None  # loss channel only
+        return DriftState(
+            self.drift.statistic,
+            self.drift.state_dict()["since_zero"],
+            self._best_level,
+            self._best_step,
+            self._drift_onset,
+        )
 
     def _scored(self, step: int, value: float) -> list[Signal]:
         flagged = self.spike.update(value)

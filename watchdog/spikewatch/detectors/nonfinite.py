@@ -47,6 +47,11 @@ class NonFiniteDetector:
             self._consecutive = 0
         return self._detected
 
+    def passed(self) -> None:
+        """Record that finite values went by (what `update` does for each of them)."""
+        self._detected = False
+        self._consecutive = 0
+
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable state."""
         return {"consecutive": self._consecutive, "total": self._total}

@@ -119,6 +119,27 @@ class RobustSpikeDetector:
         """How many values in a row have been flagged."""
         return len(self._run)
 
+    @property
+    def steady(self) -> bool:
+        """Full window, warm-up over, no flags pending: the next values may be batch-scored."""
+        return len(self._window) == self.window and self._seen >= self.warmup and not self._run
+
+    def window_values(self) -> list[float]:
+        """The accepted window, oldest first."""
+        return self._window.values()
+
+    def accept_many(
+        self, values: list[float], *, score: float, baseline: float, spread: float
+    ) -> None:
+        """Advance past ``values`` that `score_run` found unflagged (``score`` etc. of the last).
+
+        Leaves the detector exactly as calling `update` on each would have.
+        """
+        self._seen += len(values)
+        self._window.extend(values)
+        self._score, self._baseline, self._spread = score, baseline, spread
+        self._spike = self._level_shift = False
+
     # -- streaming ------------------------------------------------------------------
     def update(self, x: float) -> bool:
         """Score ``x``; return `spike_detected`. Non-finite values are ignored here."""

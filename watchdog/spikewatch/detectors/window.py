@@ -46,6 +46,15 @@ class RollingWindow:
         self._values.append(x)
         bisect.insort(self._sorted, x)
 
+    def extend(self, values: list[float]) -> None:
+        """Push each of ``values`` in order (rebuilt in one sort when they fill the window)."""
+        if len(values) < self.size:
+            for x in values:
+                self.push(x)
+            return
+        self._values = deque(values[-self.size :])
+        self._sorted = sorted(self._values)
+
     def clear(self) -> None:
         """Forget every value."""
         self._values.clear()
