@@ -16,11 +16,16 @@ from collections.abc import Callable
 from spikewatch import __version__, demo_command
 from spikewatch.errors import SpikewatchError
 from spikewatch.replay import command as replay_command
+from spikewatch.service import command as serve_command
 
 Register = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
 
 #: Every subcommand's ``register`` function, in the order ``--help`` lists them.
-SUBCOMMANDS: tuple[Register, ...] = (demo_command.register, replay_command.register)
+SUBCOMMANDS: tuple[Register, ...] = (
+    demo_command.register,
+    replay_command.register,
+    serve_command.register,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

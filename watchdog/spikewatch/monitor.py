@@ -61,6 +61,16 @@ class Monitor:
         """Every incident so far, in the order they opened."""
         return list(self._incidents.values())
 
+    def incident(self, incident_id: str) -> Incident | None:
+        """The incident with this id, if any."""
+        return self._incidents.get(incident_id)
+
+    def restore_incidents(self, incidents: list[Incident]) -> None:
+        """Put back incidents kept elsewhere (the service's event store) after a restart,
+        so later signals of the same episode fold into them instead of reopening them."""
+        for incident in incidents:
+            self._incidents[incident.id] = incident
+
     def observe(self, record: StepRecord) -> list[Decision]:
         """Run one record through detectors and policy; return the decisions it caused."""
         self.records += 1

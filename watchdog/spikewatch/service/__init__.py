@@ -1,0 +1,1 @@
+"""The monitor service: HTTP API, event store, scheduler and exporter around `Monitor`."""

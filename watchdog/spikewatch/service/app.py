@@ -1,0 +1,194 @@
+"""The HTTP API of `spikewatch serve` (FastAPI): ingest, commands, views, /metrics, /healthz.
+
+The ingest route reads and validates its body itself (`payloads`), not through a
+pydantic model: at hundreds of records per request a schema library costs more than
+the detectors. Its schema is still published in the OpenAPI document.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import sqlite3
+from typing import Any, Literal
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
+
+from spikewatch import __version__
+from spikewatch.service.core import Service
+from spikewatch.service.operator import OperatorError
+from spikewatch.service.payloads import PayloadError, check_run_id, parse_ingest, parse_json
+
+log = logging.getLogger(__name__)
+
+_RECORD_SCHEMA = {
+    "type": "object",
+    "required": ["step", "loss"],
+    "properties": {
+        "step": {"type": "integer"},
+        "loss": {"type": "number", "description": "NaN and Infinity are valid (JSON literals)"},
+        "grad_norm": {"type": ["number", "null"]},
+        "lr": {"type": ["number", "null"]},
+        "data_position": {"type": ["integer", "null"]},
+        "wall_time": {"type": ["number", "null"]},
+        "run": {"type": "string", "description": "optional; must equal the run in the URL"},
+    },
+    "additionalProperties": False,
+}
+_INGEST_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "required": ["records"],
+                "properties": {
+                    "records": {"type": "array", "items": _RECORD_SCHEMA},
+                    "seq": {"type": ["integer", "null"]},
+                    "client": {"type": ["string", "null"]},
+                    "acks": {"type": "array", "items": {"type": "string"}},
+                    "rewind_to": {"type": ["integer", "null"]},
+                    "dropped": {"type": ["integer", "null"]},
+                },
+                "additionalProperties": False,
+            }
+        }
+    },
+}
+
+
+class CommandIn(BaseModel):
+    """An operator's command for a run."""
+
+    action: Literal["halt", "resume", "approve", "veto", "rollback"]
+    command: str | None = Field(default=None, description="the proposed command (approve, veto)")
+    reason: str = Field(default="operator request", max_length=500)
+    rollback_before_step: int | None = Field(
+        default=None, description="rollback: restore at or before"
+    )
+    skip_ahead: int = Field(default=0, ge=0)
+
+
+class IngestOut(BaseModel):
+    """The answer to an ingest: the commands pending for the run."""
+
+    accepted: int
+    duplicate: bool
+    commands: list[dict[str, Any]]
+    skip_threshold: float | None
+    halted: bool
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    # NaN/inf stay JSON literals, as on the way in (a non-finite loss is data).
+    return Response(json.dumps(data), status_code=status, media_type="application/json")
+
+
+def create_app(service: Service) -> FastAPI:
+    """Build the ASGI app around a `Service` (which owns state, store, jobs and sinks)."""
+    app = FastAPI(
+        title="spikewatch", version=__version__, description="Loss-spike watchdog service."
+    )
+
+    def authorised(request: Request) -> None:
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            service.ingest_counts["unauthorized"] += 1
+            raise HTTPException(
+                401,
+                "missing bearer token: send Authorization: Bearer <token>",
+                {"WWW-Authenticate": "Bearer"},
+            )
+        if not hmac.compare_digest(given.encode(), service.token.encode()):
+            service.ingest_counts["unauthorized"] += 1
+            raise HTTPException(403, "wrong token: use the token the service was started with")
+
+    async def read_body(request: Request) -> bytes:
+        limit = service.config.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise PayloadError(
+                "body", f"body is {declared} bytes: send at most {limit}", status=413
+            )
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadError(
+                    "body", f"body exceeds {limit} bytes: send smaller batches", status=413
+                )
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    @app.exception_handler(PayloadError)
+    async def payload_error(request: Request, exc: PayloadError) -> Response:
+        service.ingest_counts["rejected"] += 1
+        return JSONResponse({"error": str(exc), "field": exc.field}, status_code=exc.status)
+
+    @app.exception_handler(OperatorError)
+    async def operator_error(request: Request, exc: OperatorError) -> Response:
+        return JSONResponse({"error": str(exc)}, status_code=exc.status)
+
+    @app.exception_handler(sqlite3.Error)
+    async def store_error(request: Request, exc: sqlite3.Error) -> Response:
+        log.error("spikewatch: event store failed: %s", exc)
+        return JSONResponse(
+            {"error": f"event store unavailable ({exc}): retry later"}, status_code=503
+        )
+
+    @app.post(
+        "/v1/runs/{run}/records",
+        dependencies=[Depends(authorised)],
+        openapi_extra={"requestBody": _INGEST_BODY},
+        responses={200: {"model": IngestOut}},
+        summary="Ingest a batch of step records; returns the commands pending for the run",
+    )
+    async def ingest(run: str, request: Request) -> Response:
+        check_run_id(run)
+        body = await read_body(request)
+        batch = parse_ingest(parse_json(body), run, max_records=service.config.max_records)
+        response = service.registry.ingest(run, batch, body)
+        service.ingest_counts["accepted"] += 1
+        return _json(response)
+
+    @app.get("/v1/runs", summary="Every run's status")
+    def runs() -> Response:
+        return _json({"runs": [service.run_view(s) for s in service.registry.statuses()]})
+
+    @app.get("/v1/runs/{run}", summary="One run's status and commands")
+    def run_detail(run: str) -> Response:
+        status = service.registry.status(check_run_id(run))
+        if status is None:
+            raise HTTPException(404, f"no run {run!r}: it has sent no records yet")
+        return _json({**service.run_view(status), "commands": service.store.commands(run)})
+
+    @app.get("/v1/runs/{run}/incidents", summary="A run's incidents, oldest first")
+    def incidents(run: str) -> Response:
+        if service.registry.status(check_run_id(run)) is None:
+            raise HTTPException(404, f"no run {run!r}: it has sent no records yet")
+        return _json({"incidents": service.store.incidents(run)})
+
+    @app.post(
+        "/v1/runs/{run}/commands",
+        dependencies=[Depends(authorised)],
+        summary="An operator's command: halt, resume, rollback, or approve/veto a proposed rollback",
+    )
+    def command(run: str, body: CommandIn) -> Response:
+        result = service.operator.apply(check_run_id(run), **body.model_dump())
+        return _json(result)
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    def metrics() -> Response:
+        payload, content_type = service.render_metrics()
+        return Response(payload, media_type=content_type)
+
+    @app.get("/healthz", summary="Liveness, store and scheduled jobs")
+    def healthz() -> Response:
+        health = service.health()
+        return _json(health, 200 if health["status"] == "ok" else 503)
+
+    return app

@@ -1,0 +1,94 @@
+"""``spikewatch serve``: the monitor service for many runs."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from spikewatch.errors import ConfigError
+
+TOKEN_ENV = "SPIKEWATCH_TOKEN"
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``serve`` subcommand."""
+    p = subparsers.add_parser(
+        "serve",
+        help="run the monitor service (HTTP ingest, commands, /metrics, Slack, jobs)",
+        description=(
+            "Run the monitor service. Trainers send records with monitor_url= and token=; "
+            f"the token comes from ${TOKEN_ENV} or --token-file."
+        ),
+    )
+    p.add_argument("--config", help="TOML file with [service], [monitor] and [slack] sections")
+    p.add_argument("--host", help="interface to bind (default from the config: 127.0.0.1)")
+    p.add_argument("--port", type=int, help="TCP port (default from the config: 9650)")
+    p.add_argument("--db", help="SQLite event store path (default from the config)")
+    p.add_argument("--token-file", help=f"file holding the bearer token (else ${TOKEN_ENV})")
+    p.set_defaults(handler=run)
+
+
+def read_token(token_file: str | None, environ: dict[str, str] | os._Environ[str]) -> str:
+    """The bearer token from ``--token-file`` or the environment; never from the command line.
+
+    Example:
+        >>> read_token(None, {"SPIKEWATCH_TOKEN": " s3cret\\n"})
+        's3cret'
+        >>> read_token(None, {})  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        spikewatch.errors.ConfigError: no token: set SPIKEWATCH_TOKEN or pass --token-file ...
+    """
+    if token_file is not None:
+        try:
+            token = Path(token_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"--token-file {token_file!r} cannot be read ({exc})") from exc
+        if not token:
+            raise ConfigError(f"--token-file {token_file!r} is empty: put the token in it")
+        return token
+    token = environ.get(TOKEN_ENV, "").strip()
+    if not token:
+        raise ConfigError(
+            f"no token: set {TOKEN_ENV} or pass --token-file (every write needs Authorization: Bearer)"
+        )
+    return token
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until interrupted."""
+    import uvicorn  # heavy: only for this subcommand
+
+    from spikewatch.service.app import create_app
+    from spikewatch.service.config import ServiceConfig
+    from spikewatch.service.core import Service
+
+    config = ServiceConfig.from_file(args.config) if args.config else ServiceConfig()
+    overrides = {
+        k: getattr(args, k) for k in ("host", "port", "db") if getattr(args, k) is not None
+    }
+    config = dataclasses.replace(config, **overrides)
+    token = read_token(args.token_file, os.environ)
+    service = Service.from_config(config, token=token)
+    app = create_app(service)
+
+    @asynccontextmanager
+    async def lifespan(_: object) -> AsyncIterator[None]:
+        service.start()
+        try:
+            yield
+        finally:
+            service.stop()
+
+    app.router.lifespan_context = lifespan
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    # No access log: it costs time per request and the hot path is ingest.
+    uvicorn.run(app, host=config.host, port=config.port, access_log=False, log_level="info")
+    return 0

@@ -1,0 +1,128 @@
+"""`Service`: the registry, event store, operator, jobs, Slack sink and exporter together."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from spikewatch import __version__
+from spikewatch.errors import ConfigError
+from spikewatch.service.config import ServiceConfig
+from spikewatch.service.jobs import JobRunner
+from spikewatch.service.metrics import ServiceCollector, SinkCounts, build_registry, render
+from spikewatch.service.notify import Notifier
+from spikewatch.service.operator import Operator
+from spikewatch.service.registry import RunRegistry
+from spikewatch.service.status import RunStatus
+from spikewatch.service.store import EventStore
+from spikewatch.sinks.slack import SlackSink
+from spikewatch.sinks.slack_settings import SlackSettings
+
+
+class Service:
+    """Everything `spikewatch serve` runs, without the HTTP layer (see `create_app`).
+
+    Example:
+        >>> svc = Service(ServiceConfig(db=":memory:"), token="t")
+        >>> svc.health()["status"], svc.health()["runs"]
+        ('ok', 0)
+        >>> svc.stop()
+    """
+
+    def __init__(
+        self,
+        config: ServiceConfig,
+        *,
+        token: str,
+        slack: SlackSink | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not token:
+            raise ConfigError(
+                "the service token is empty: set SPIKEWATCH_TOKEN or pass --token-file"
+            )
+        self.config, self.token, self.slack, self.clock = config, token, slack, clock
+        self.store = EventStore(config.db)
+        notifier: Notifier | None = slack
+        self.registry = RunRegistry(self.store, config, notifier=notifier, clock=clock)
+        self.operator = Operator(self.registry)
+        self.jobs = JobRunner(self.registry, clock=clock)
+        self.ingest_counts: Counter[str] = Counter()
+        self.collector = ServiceCollector(
+            runs=self.registry.statuses,
+            sinks=self._sink_counts,
+            jobs=self.jobs.statuses,
+            ingest=lambda: dict(self.ingest_counts),
+        )
+        self.metrics = build_registry(self.collector)
+        self.started = clock()
+
+    @classmethod
+    def from_config(
+        cls, config: ServiceConfig, *, token: str, environ: Mapping[str, str] = os.environ
+    ) -> Service:
+        """Build with the Slack sink the config and environment ask for (fails fast on a bad one)."""
+        settings = SlackSettings.from_mapping(config.slack)
+        store = EventStore(config.db)  # read the persisted Slack threads before starting the sink
+        threads = store.threads()
+        store.close()
+        service = cls(config, token=token, slack=None)
+        service.slack = SlackSink.from_settings(
+            settings, environ, threads=threads, on_thread=service.store.save_thread
+        )
+        service.registry.notifier = service.slack
+        return service
+
+    def start(self) -> None:
+        """Start the scheduled jobs."""
+        self.jobs.start()
+
+    def stop(self) -> None:
+        """Stop jobs, drain the Slack queue, close the store."""
+        self.jobs.shutdown()
+        if self.slack is not None:
+            self.slack.close(timeout=5.0)
+        self.store.close()
+
+    def _sink_counts(self) -> dict[str, SinkCounts]:
+        if self.slack is None:
+            return {}
+        return {
+            "slack": SinkCounts(
+                delivered=self.slack.delivered,
+                failures=self.slack.failures + self.registry.notify_failures,
+                dropped=self.slack.dropped,
+            )
+        }
+
+    def render_metrics(self) -> tuple[bytes, str]:
+        """The Prometheus exposition and its content type."""
+        return render(self.metrics)
+
+    @staticmethod
+    def run_view(status: RunStatus) -> dict[str, Any]:
+        """A run's status as JSON."""
+        return dataclasses.asdict(status)
+
+    def health(self) -> dict[str, Any]:
+        """Liveness: the store answers, and each job's last outcome."""
+        try:
+            store_ok = self.store.ping()
+        except Exception:  # a broken store is what /healthz is for
+            store_ok = False
+        jobs = [dataclasses.asdict(j) for j in self.jobs.statuses()]
+        return {
+            "status": "ok" if store_ok else "degraded",
+            "version": __version__,
+            "store": store_ok,
+            "uptime_s": self.clock() - self.started,
+            "runs": len(self.registry.runs),
+            "jobs": jobs,
+            "slack": None
+            if self.slack is None
+            else dataclasses.asdict(self._sink_counts()["slack"]),
+        }

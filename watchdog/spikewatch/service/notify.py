@@ -1,0 +1,32 @@
+"""The port through which the service tells people about incidents (Slack, or nothing)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from spikewatch.incidents import Incident
+from spikewatch.service.status import RunStatus
+
+
+class Notifier(Protocol):
+    """Non-blocking: every method enqueues and returns (the Slack sink does the I/O on its
+    own thread), so ingest never waits on Slack."""
+
+    def incident(
+        self,
+        incident: Incident,
+        window: Sequence[tuple[int, float]],
+        *,
+        decision_reason: str | None = None,
+    ) -> None:
+        """Announce an incident once, with a chart of ``window`` (step, loss)."""
+        ...
+
+    def follow_up(self, run: str, incident_id: str, text: str) -> None:
+        """Add to an incident's thread (rollback applied, recovered, halted)."""
+        ...
+
+    def digest(self, runs: Sequence[RunStatus], *, period_s: float) -> None:
+        """Summarise every run."""
+        ...

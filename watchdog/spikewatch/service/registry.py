@@ -1,0 +1,317 @@
+"""All runs of the service: ingest, commands back to trainers, views. Thread-safe.
+
+The HTTP handlers and the scheduled jobs share one `RunRegistry`; a lock serialises
+changes to a run (ingest is CPU work of a few milliseconds per request, so one lock
+costs nothing on one core). Notifications are handed to the notifier after the store
+commit, outside the lock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from spikewatch.incidents import Incident
+from spikewatch.records import ACTION_SEVERITY, Command, Decision
+from spikewatch.service.config import ServiceConfig
+from spikewatch.service.notify import Notifier
+from spikewatch.service.payloads import IngestBatch
+from spikewatch.service.run import ServiceRun
+from spikewatch.service.status import RunStatus
+from spikewatch.service.store import BatchWrite, EventStore
+
+log = logging.getLogger(__name__)
+
+#: Records after a rollback's detection step with no new incident: the run recovered.
+RECOVERY_STEPS = 100
+
+Notice = Callable[[Notifier], None]
+
+
+class RunRegistry:
+    """Owns every `ServiceRun`; persists each change in the `EventStore` before answering.
+
+    Example:
+        >>> from spikewatch.records import StepRecord
+        >>> reg = RunRegistry(EventStore(":memory:"), ServiceConfig())
+        >>> batch = IngestBatch(records=[StepRecord(run="r", step=0, loss=1.0)])
+        >>> reg.ingest("r", batch, b'{"records": [{"step": 0, "loss": 1.0}]}')["accepted"]
+        1
+        >>> [s.run for s in reg.statuses()]
+        ['r']
+    """
+
+    def __init__(
+        self,
+        store: EventStore,
+        config: ServiceConfig,
+        *,
+        notifier: Notifier | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store, self.config, self.notifier, self.clock = store, config, notifier, clock
+        self.lock = threading.RLock()
+        self.runs: dict[str, ServiceRun] = {}
+        self.notify_failures = 0
+        for stored in store.runs():
+            self.runs[stored.run] = self._restore(stored.run)
+
+    def _restore(self, run_id: str) -> ServiceRun:
+        stored = next(s for s in self.store.runs() if s.run == run_id)
+        keep = self.config.recent_records
+        return ServiceRun.restore(
+            stored,
+            self.config.monitor,
+            incidents=self.store.incidents(run_id),
+            commands=self.store.commands(run_id),
+            recent=self.store.recent_records(run_id, limit=keep),
+            keep=keep,
+        )
+
+    # -- ingest -------------------------------------------------------------------------
+    def ingest(self, run_id: str, batch: IngestBatch, body: bytes) -> dict[str, Any]:
+        """Observe a batch; persist it; return the response for the trainer."""
+        notices: list[Notice] = []
+        with self.lock:
+            run = self.runs.get(run_id)
+            if run is None:
+                run = self.runs[run_id] = ServiceRun(
+                    run_id, self.config.monitor, recent=self.config.recent_records
+                )
+            if self._is_retry(run, batch):
+                return self._response(run, 0, duplicate=True)
+            try:
+                self._ingest(run, batch, body, notices)
+            except Exception:
+                # The store did not take the batch: forget the in-memory changes too, so
+                # the client's retry is observed exactly once.
+                self.runs.pop(run_id, None)
+                if any(s.run == run_id for s in self.store.runs()):
+                    self.runs[run_id] = self._restore(run_id)
+                raise
+            response = self._response(run, len(batch.records), duplicate=False)
+        self._send(notices)
+        return response
+
+    def _is_retry(self, run: ServiceRun, batch: IngestBatch) -> bool:
+        return (
+            batch.client is not None
+            and batch.client == run.client
+            and batch.seq is not None
+            and run.seq is not None
+            and batch.seq <= run.seq
+        )
+
+    def _ingest(
+        self, run: ServiceRun, batch: IngestBatch, body: bytes, notices: list[Notice]
+    ) -> None:
+        now = self.clock()
+        write = BatchWrite(run=run.run, monitor="", info={})
+        write.commands += self._apply_acks(run, batch.acks, notices)
+        records = batch.records
+        last = run.monitor.last_step
+        rewind_to = batch.rewind_to
+        if rewind_to is None and records and last is not None and records[0].step <= last:
+            rewind_to = records[0].step  # the trainer went back without saying so
+        if rewind_to is not None:
+            self._rewind(run, rewind_to, write)
+        run.client, run.seq = batch.client, batch.seq
+        run.client_dropped = max(run.client_dropped, batch.dropped)
+        if records:
+            was_stalled = run.stalled
+            decisions = run.observe(records, now=now)
+            write.body, write.count = body, len(records)
+            write.first_step, write.last_step = records[0].step, records[-1].step
+            write.decisions = [d.to_json() for d in decisions if d.action != "watch"]
+            write.commands += self._commands_from(run, decisions, notices)
+            write.incidents = self._touched(run, decisions, notices)
+            if was_stalled and run.stall_incident:
+                write.incidents.append(self._close_stall(run, notices))
+            self._watch_recovery(run, decisions, notices)
+        write.snapshot_step = run.due_snapshot(self.config.snapshot_every)
+        write.monitor, write.info = run.monitor_json(), run.info()
+        self.store.write(write)
+
+    def _close_stall(self, run: ServiceRun, notices: list[Notice]) -> dict[str, Any]:
+        iid, run.stall_incident = run.stall_incident, None
+        incident = run.monitor.incident(iid or "")
+        assert incident is not None  # check_stalls registered it
+        incident.status, incident.end_step = "closed", run.monitor.last_step
+        text = f"records arrive again (step {run.monitor.last_step})"
+        notices.append(lambda n, r=run.run, i=incident.id, t=text: n.follow_up(r, i, t))
+        return incident.to_json()
+
+    def _rewind(self, run: ServiceRun, step: int, write: BatchWrite) -> None:
+        last = run.monitor.last_step
+        if last is not None and step <= last:
+            run.counts["skipped_batches"] += last + 1 - step + run.pending_skip_ahead
+            run.pending_skip_ahead = 0
+        run.rewind(step, self.store.snapshot_before(run.run, step))
+        run.monitor.last_step = step - 1
+        run.last_snapshot_step = None
+        write.drop_snapshots_from = step
+
+    def _apply_acks(
+        self, run: ServiceRun, acks: list[str], notices: list[Notice]
+    ) -> list[dict[str, Any]]:
+        changed = []
+        for cid in acks:
+            cmd = run.commands.get(cid)
+            if cmd is None or cmd["status"] != "pending":
+                continue  # unknown or already applied: acks are idempotent
+            cmd["status"] = "applied"
+            changed.append(cmd)
+            incident = cmd.get("incident") or ""
+            if cmd["action"] == "rollback":
+                run.counts["rollbacks"] += 1
+                run.pending_skip_ahead = int(cmd["skip_ahead"])
+                run.recovery = {"incident": incident, "detected_step": cmd["issued_step"]}
+                text = (
+                    f"rollback applied: restored the newest snapshot at or before step "
+                    f"{cmd['rollback_before_step']}, skipping {cmd['skip_ahead']} batches ahead"
+                )
+            else:
+                text = f"{cmd['action']} applied by the trainer: {cmd['reason']}"
+            notices.append(lambda n, r=run.run, i=incident, t=text: n.follow_up(r, i, t))
+        return changed
+
+    def _commands_from(
+        self, run: ServiceRun, decisions: list[Decision], notices: list[Notice]
+    ) -> list[dict[str, Any]]:
+        out = []
+        for d in decisions:
+            if d.action not in ("rollback", "halt"):
+                continue
+            incident = d.signal.incident if d.signal else ""
+            if any(
+                c["incident"] == incident and c["action"] == d.action for c in run.commands.values()
+            ):
+                continue  # one command per incident and action
+            status = (
+                "proposed"
+                if d.action == "rollback" and self.config.approval == "manual"
+                else "pending"
+            )
+            cmd = new_command(run.run, d, status=status, source="policy", incident=incident)
+            run.commands[cmd["id"]] = cmd
+            out.append(cmd)
+            if d.action == "halt":
+                run.halted = True
+                notices.append(
+                    lambda n, r=run.run, i=incident, t=d.reason: n.follow_up(r, i, f"halted: {t}")
+                )
+        return out
+
+    def _touched(
+        self, run: ServiceRun, decisions: list[Decision], notices: list[Notice]
+    ) -> list[dict[str, Any]]:
+        ids = dict.fromkeys(d.signal.incident for d in decisions if d.signal is not None)
+        reasons = {d.signal.incident: d.reason for d in decisions if d.signal is not None}
+        out = []
+        for iid in ids:
+            incident = run.monitor.incident(iid)
+            if incident is None:
+                continue
+            out.append(incident.to_json())
+            self._maybe_announce(run, incident, reasons.get(iid), notices)
+        return out
+
+    def _maybe_announce(
+        self, run: ServiceRun, incident: Incident, reason: str | None, notices: list[Notice]
+    ) -> None:
+        if ACTION_SEVERITY[incident.action] < ACTION_SEVERITY[self.config.notify_min_action]:
+            return
+        if incident.id in run.announced:
+            return
+        run.announced.add(incident.id)
+        copy = dataclasses.replace(incident)
+        window = [p for p in run.recent if p[0] >= incident.onset_step - 200]
+        notices.append(lambda n: n.incident(copy, window, decision_reason=reason))
+
+    def _watch_recovery(
+        self, run: ServiceRun, decisions: list[Decision], notices: list[Notice]
+    ) -> None:
+        rec = run.recovery
+        if rec is None or run.monitor.last_step is None:
+            return
+        relapse = [d for d in decisions if ACTION_SEVERITY[d.action] >= ACTION_SEVERITY["rollback"]]
+        if relapse:
+            text = f"not recovered: {relapse[0].reason}"
+        elif run.monitor.last_step >= rec["detected_step"] + RECOVERY_STEPS:
+            text = f"recovered: step {run.monitor.last_step}, loss {run.loss:.4g}, no new incident"
+        else:
+            return
+        run.recovery = None
+        notices.append(lambda n, r=run.run, i=rec["incident"], t=text: n.follow_up(r, i, t))
+
+    def _response(self, run: ServiceRun, accepted: int, *, duplicate: bool) -> dict[str, Any]:
+        threshold = run.monitor.skip_threshold()
+        return {
+            "accepted": accepted,
+            "duplicate": duplicate,
+            "commands": run.live_commands("pending"),
+            "skip_threshold": threshold if threshold != float("inf") else None,
+            "halted": run.halted,
+        }
+
+    def notify(self, notice: Notice) -> None:
+        """Hand one notice to the notifier (if any), counting a notifier failure."""
+        self._send([notice])
+
+    def _send(self, notices: list[Notice]) -> None:
+        if self.notifier is None:
+            return
+        for notice in notices:
+            try:
+                notice(self.notifier)
+            except Exception:  # a sink bug must not fail an ingest that is already stored
+                self.notify_failures += 1
+                log.exception("spikewatch: notifier failed")
+
+    # -- views --------------------------------------------------------------------------
+    def statuses(self) -> list[RunStatus]:
+        """Every run's status (copies)."""
+        with self.lock:
+            return [
+                r.status(now=self.clock(), stall_after_s=self.config.stall_after_s)
+                for r in self.runs.values()
+            ]
+
+    def status(self, run_id: str) -> RunStatus | None:
+        """One run's status, or None for an unknown run."""
+        with self.lock:
+            run = self.runs.get(run_id)
+            return (
+                None
+                if run is None
+                else run.status(now=self.clock(), stall_after_s=self.config.stall_after_s)
+            )
+
+    def commit_run(self, run: ServiceRun, *, commands: list[dict[str, Any]] = ()) -> None:  # type: ignore[assignment]
+        """Persist a run's state and some commands (operator actions, jobs)."""
+        write = BatchWrite(
+            run=run.run, monitor=run.monitor_json(), info=run.info(), commands=list(commands)
+        )
+        self.store.write(write)
+
+
+def new_command(
+    run: str, decision: Decision, *, status: str, source: str, incident: str
+) -> dict[str, Any]:
+    """A command for the trainer from a decision, as stored and sent."""
+    cmd = Command(
+        run=run,
+        id=uuid.uuid4().hex[:16],
+        action=decision.action,  # type: ignore[arg-type]
+        reason=decision.reason,
+        issued_step=decision.step,
+        rollback_before_step=decision.rollback_before_step,
+        lr_factor=decision.lr_factor,
+        skip_ahead=decision.skip_ahead,
+    )
+    return {**cmd.to_json(), "status": status, "source": source, "incident": incident}

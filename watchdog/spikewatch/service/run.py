@@ -1,0 +1,197 @@
+"""One run inside the service: its `Monitor` and what the service tracks around it."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter, deque
+from typing import Any
+
+from spikewatch.incidents import Incident
+from spikewatch.monitor import Monitor
+from spikewatch.records import Decision, StepRecord
+from spikewatch.service.status import RunState, RunStatus
+from spikewatch.service.store import StoredRun
+from spikewatch.settings import MonitorConfig
+
+#: Command statuses: ``proposed`` waits for an operator; ``pending`` is sent to the
+#: trainer with every ingest response until it acknowledges it (``applied``).
+LIVE_STATUSES = ("proposed", "pending")
+
+
+class ServiceRun:
+    """A run's monitor, latest values, counters, commands and recent curve.
+
+    Example:
+        >>> run = ServiceRun("r", MonitorConfig(), recent=100)
+        >>> run.observe([StepRecord(run="r", step=0, loss=2.5, grad_norm=1.0)], now=10.0)
+        []
+        >>> s = run.status(now=11.0, stall_after_s=60.0)
+        >>> s.state, s.records, s.loss, s.last_record_time
+        ('active', 1, 2.5, 10.0)
+    """
+
+    def __init__(self, run: str, config: MonitorConfig, *, recent: int) -> None:
+        self.run = run
+        self.monitor = Monitor(run=run, config=config)
+        self.halted = False
+        self.stalled = False
+        self.last_record_time: float | None = None
+        self.loss: float | None = None
+        self.grad_norm: float | None = None
+        self.lr: float | None = None
+        self.signals: Counter[str] = Counter()
+        self.counts: Counter[str] = Counter()  # rollbacks, skipped_steps, skipped_batches
+        self.client_dropped = 0
+        self.client: str | None = None
+        self.seq: int | None = None
+        self.commands: dict[str, dict[str, Any]] = {}
+        self.recent: deque[tuple[int, float]] = deque(maxlen=recent)
+        self.last_snapshot_step: int | None = None
+        self.recovery: dict[str, Any] | None = None  # a rollback being watched for recovery
+        self.swept_step: int | None = None
+        self.stall_incident: str | None = None  # the open stall incident, if any
+        self.announced: set[str] = set()  # incidents already sent to the notifier
+        self.pending_skip_ahead = 0  # batches an applied rollback skips ahead (counted at rewind)
+
+    # -- ingest -------------------------------------------------------------------------
+    def observe(self, records: list[StepRecord], *, now: float) -> list[Decision]:
+        """Feed records to the monitor; track the latest values and signal counts."""
+        decisions = self.monitor.observe_many(records)
+        last = records[-1]
+        self.last_record_time, self.loss = now, last.loss
+        for r in reversed(records):
+            if r.grad_norm is not None:
+                self.grad_norm = r.grad_norm
+                break
+        for r in reversed(records):
+            if r.lr is not None:
+                self.lr = r.lr
+                break
+        self.recent.extend((r.step, r.loss) for r in records)
+        self.stalled = False
+        for d in decisions:
+            if d.signal is not None:
+                self.signals[d.signal.kind] += 1
+            if d.action == "skip_step":
+                self.counts["skipped_steps"] += 1
+        return decisions
+
+    def rewind(self, step: int, snapshot: dict[str, Any] | None) -> None:
+        """The trainer rolled back and continues at ``step``: rewind detection with it.
+
+        ``snapshot`` is the newest stored monitor state from before ``step``; without
+        one the detectors keep their state (only the window's tail is then stale).
+        """
+        if snapshot is not None:
+            self.monitor.rewind({"loss": snapshot["loss"], "grad_norm": snapshot["grad_norm"]})
+        while self.recent and self.recent[-1][0] >= step:
+            self.recent.pop()
+
+    def due_snapshot(self, every: int) -> int | None:
+        """The step to snapshot the detectors at, when ``every`` steps have passed."""
+        last = self.monitor.last_step
+        if last is None:
+            return None
+        if self.last_snapshot_step is None or last - self.last_snapshot_step >= every:
+            self.last_snapshot_step = last
+            return last
+        return None
+
+    # -- views --------------------------------------------------------------------------
+    @property
+    def state(self) -> RunState:
+        """``halted`` beats ``stalled`` beats ``active``."""
+        if self.halted:
+            return "halted"
+        return "stalled" if self.stalled else "active"
+
+    def status(self, *, now: float, stall_after_s: float) -> RunStatus:
+        """A copy of what the service knows, for /v1/runs and Prometheus."""
+        incidents = self.monitor.incidents
+        return RunStatus(
+            run=self.run,
+            state=self.state,
+            records=self.monitor.records,
+            last_step=self.monitor.last_step,
+            last_record_time=self.last_record_time,
+            loss=self.loss,
+            grad_norm=self.grad_norm,
+            lr=self.lr,
+            spike_score=self.monitor.loss.spike.score,
+            signals=dict(self.signals),
+            rollbacks=self.counts["rollbacks"],
+            skipped_steps=self.counts["skipped_steps"],
+            skipped_batches=self.counts["skipped_batches"],
+            incidents_open=sum(i.status == "open" for i in incidents),
+            incidents_total=len(incidents),
+            client_dropped=self.client_dropped,
+        )
+
+    def live_commands(self, status: str = "pending") -> list[dict[str, Any]]:
+        """Commands in ``status``, oldest first."""
+        return [c for c in self.commands.values() if c["status"] == status]
+
+    # -- persistence --------------------------------------------------------------------
+    def monitor_json(self) -> str:
+        """The monitor's state as JSON (NaN kept as a literal, like the wire format)."""
+        return json.dumps(self.monitor.state_dict())
+
+    def info(self) -> dict[str, Any]:
+        """The service's own bookkeeping, persisted with every write."""
+        return {
+            "halted": self.halted,
+            "stalled": self.stalled,
+            "last_record_time": self.last_record_time,
+            "latest": [self.loss, self.grad_norm, self.lr],
+            "signals": dict(self.signals),
+            "counts": dict(self.counts),
+            "client_dropped": self.client_dropped,
+            "client": self.client,
+            "seq": self.seq,
+            "last_snapshot_step": self.last_snapshot_step,
+            "recovery": self.recovery,
+            "swept_step": self.swept_step,
+            "announced": sorted(self.announced),
+            "stall_incident": self.stall_incident,
+            "pending_skip_ahead": self.pending_skip_ahead,
+        }
+
+    @classmethod
+    def restore(
+        cls,
+        stored: StoredRun,
+        config: MonitorConfig,
+        *,
+        incidents: list[dict[str, Any]],
+        commands: list[dict[str, Any]],
+        recent: list[dict[str, Any]],
+        keep: int,
+    ) -> ServiceRun:
+        """Rebuild a run after a restart from what the store holds."""
+        run = cls(stored.run, config, recent=keep)
+        run.monitor.load_state_dict(stored.monitor)
+        run.monitor.restore_incidents([Incident(**i) for i in incidents])
+        info = stored.info
+        run.halted, run.stalled = bool(info["halted"]), bool(info["stalled"])
+        run.last_record_time = info["last_record_time"]
+        run.loss, run.grad_norm, run.lr = info["latest"]
+        run.signals, run.counts = Counter(info["signals"]), Counter(info["counts"])
+        run.client_dropped, run.client, run.seq = (
+            info["client_dropped"],
+            info["client"],
+            info["seq"],
+        )
+        run.last_snapshot_step, run.recovery = info["last_snapshot_step"], info["recovery"]
+        run.swept_step = info["swept_step"]
+        run.announced = set(info["announced"])
+        run.stall_incident = info["stall_incident"]
+        run.pending_skip_ahead = int(info["pending_skip_ahead"])
+        run.commands = {c["id"]: c for c in commands}
+        run.recent.extend((int(r["step"]), float(r["loss"])) for r in recent)
+        return run
+
+
+def finite_or_none(x: float | None) -> float | None:
+    """JSON-safe for views that promise numbers: NaN/inf become None."""
+    return x if x is not None and math.isfinite(x) else None
