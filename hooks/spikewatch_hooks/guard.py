@@ -45,6 +45,9 @@ class SpikeGuard:
         keep_snapshots: how many snapshots the ring holds (memory: one copy of model and
             optimizer state each, on the CPU).
         transport: where records go; default: an embedded monitor (no server).
+        monitor_url: send records to a `spikewatch serve` at this URL instead (its
+            decisions come back as commands, applied at the next step boundary).
+        token: the service's bearer token (default: ``$SPIKEWATCH_TOKEN``).
         checkpoint_dir / checkpoint_every: also write verified disk checkpoints.
         margin: shortcut for ``config.policy.margin`` (roll back at least this many steps
             before the onset).
@@ -83,6 +86,8 @@ class SpikeGuard:
         snapshot_every: int = 100,
         keep_snapshots: int = 4,
         transport: Transport | None = None,
+        monitor_url: str | None = None,
+        token: str | None = None,
         checkpoint_dir: str | os.PathLike[str] | None = None,
         checkpoint_every: int = 0,
         margin: int | None = None,
@@ -97,6 +102,18 @@ class SpikeGuard:
             checkpoint_every=checkpoint_every,
             checkpoint_dir=checkpoint_dir,
         )
+        lockstep = None
+        if distributed or (distributed is None and Lockstep.active()):
+            if monitor_url is not None or not isinstance(
+                transport, (EmbeddedTransport, type(None))
+            ):
+                raise bad_value(
+                    "monitor_url" if monitor_url is not None else "transport",
+                    monitor_url or type(transport).__name__,
+                    "use the embedded monitor under torch.distributed for now (every rank "
+                    "runs the same monitor in lockstep)",
+                )
+            lockstep = Lockstep()
         self.options = GuardOptions.build(
             run_id=run_id,
             config=config,
@@ -104,18 +121,11 @@ class SpikeGuard:
             keep_snapshots=keep_snapshots,
             margin=margin,
             transport=transport,
+            monitor_url=monitor_url,
+            token=token,
         )
         self.run_id, self.config = run_id, self.options.config
         self.transport = self.options.transport
-        lockstep = None
-        if distributed or (distributed is None and Lockstep.active()):
-            if transport is not None and not isinstance(transport, EmbeddedTransport):
-                raise bad_value(
-                    "transport",
-                    type(transport).__name__,
-                    "use the embedded monitor under torch.distributed for now",
-                )
-            lockstep = Lockstep()
         self.engine = self.options.engine(model, optimizer, scheduler, lockstep=lockstep)
         self.checkpoint_dir = checkpoint_dir
         self.checkpoint_every = checkpoint_every
@@ -170,6 +180,12 @@ class SpikeGuard:
     def halted(self) -> bool:
         """True once the guard halted the run (``batches`` then stops)."""
         return self.engine.halted
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Deliver the records still queued for a monitor service (no-op when embedded)."""
+        close = getattr(self.transport, "close", None)
+        if close is not None:
+            close(timeout=timeout)
 
     @property
     def stats(self) -> dict[str, Any]:

@@ -78,6 +78,9 @@ class SpikewatchCallback(TrainerCallback):
         margin: shortcut for ``config.policy.margin`` (roll back at least this many steps
             before the onset).
         transport: where records go; default: an embedded monitor (no server).
+        monitor_url: send records to a `spikewatch serve` at this URL instead (its
+            decisions come back as commands, applied at the next step boundary).
+        token: the service's bearer token (default: ``$SPIKEWATCH_TOKEN``).
     """
 
     def __init__(
@@ -89,6 +92,8 @@ class SpikewatchCallback(TrainerCallback):
         keep_snapshots: int = 4,
         margin: int | None = None,
         transport: Transport | None = None,
+        monitor_url: str | None = None,
+        token: str | None = None,
     ) -> None:
         self.options = GuardOptions.build(
             run_id=run_id,
@@ -97,6 +102,8 @@ class SpikewatchCallback(TrainerCallback):
             keep_snapshots=keep_snapshots,
             margin=margin,
             transport=transport,
+            monitor_url=monitor_url,
+            token=token,
         )
         self.run_id, self.config = run_id, self.options.config
         self.transport = self.options.transport

@@ -76,6 +76,9 @@ class SpikewatchCallback(pl.Callback):
         keep_snapshots: how many snapshots the ring holds (one CPU copy of model and
             optimizer state each).
         transport: where records go; default: an embedded monitor (no server).
+        monitor_url: send records to a `spikewatch serve` at this URL instead (its
+            decisions come back as commands, applied at the next step boundary).
+        token: the service's bearer token (default: ``$SPIKEWATCH_TOKEN``).
         margin: shortcut for ``config.policy.margin`` (roll back at least this many steps
             before the onset).
 
@@ -97,6 +100,8 @@ class SpikewatchCallback(pl.Callback):
         snapshot_every: int = 100,
         keep_snapshots: int = 4,
         transport: Transport | None = None,
+        monitor_url: str | None = None,
+        token: str | None = None,
         margin: int | None = None,
     ) -> None:
         self.options = GuardOptions.build(
@@ -106,6 +111,8 @@ class SpikewatchCallback(pl.Callback):
             keep_snapshots=keep_snapshots,
             margin=margin,
             transport=transport,
+            monitor_url=monitor_url,
+            token=token,
         )
         self.run_id, self.config = run_id, self.options.config
         self.transport = self.options.transport

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from spikewatch.errors import bad_value
+from spikewatch.http_transport import HttpTransport
 from spikewatch.monitor import Monitor
 from spikewatch.settings import MonitorConfig
 from spikewatch.transport import EmbeddedTransport, Transport
@@ -47,6 +48,8 @@ class GuardOptions:
         keep_snapshots: int = 4,
         margin: int | None = None,
         transport: Transport | None = None,
+        monitor_url: str | None = None,
+        token: str | None = None,
     ) -> GuardOptions:
         """Validate the options, with the fix in every message."""
         if not isinstance(run_id, str) or not run_id:
@@ -61,7 +64,7 @@ class GuardOptions:
             config=config,
             snapshot_every=check_int("snapshot_every", snapshot_every, minimum=1),
             keep_snapshots=check_int("keep_snapshots", keep_snapshots, minimum=1),
-            transport=transport or EmbeddedTransport(Monitor(run=run_id, config=config)),
+            transport=transport or _transport(run_id, config, monitor_url, token),
         )
 
     def engine(
@@ -93,3 +96,12 @@ class GuardOptions:
             run_id=self.run_id,
             lockstep=lockstep,
         )
+
+
+def _transport(
+    run_id: str, config: MonitorConfig, monitor_url: str | None, token: str | None
+) -> Transport:
+    """The embedded monitor, or the HTTP client of a `spikewatch serve` at ``monitor_url``."""
+    if monitor_url is None:
+        return EmbeddedTransport(Monitor(run=run_id, config=config))
+    return HttpTransport(monitor_url, run=run_id, token=token)

@@ -67,3 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"spikewatch {args.command}: interrupted", file=sys.stderr)
         return 130
     return code
+
+
+if __name__ == "__main__":  # python -m spikewatch.cli
+    sys.exit(main())

@@ -16,6 +16,7 @@ import torch
 
 from spikewatch.policy import PolicyConfig
 from spikewatch.settings import MonitorConfig
+from spikewatch.transport import Transport
 from spikewatch_hooks.demo.corpus import CharCorpus, corpus_text
 from spikewatch_hooks.demo.model import TinyGPT
 from spikewatch_hooks.guard import SpikeGuard
@@ -96,8 +97,10 @@ def train(
     s: DemoSettings,
     corpus: CharCorpus,
     progress: Callable[[int, int], None] | None = None,
+    *,
+    transport: Transport | None = None,
 ) -> RunResult:
-    """Train one run and report it."""
+    """Train one run and report it (``transport``: where the guarded run's records go)."""
     torch.manual_seed(s.seed)
     model = TinyGPT(corpus.vocab_size, context=s.context)
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=0.1)
@@ -106,7 +109,14 @@ def train(
     stream = batches(corpus, s, poison=kind != "clean")
     if kind == "guarded":
         _train_guarded(
-            model, opt=opt, sched=sched, stream=stream, s=s, result=result, progress=progress
+            model,
+            opt=opt,
+            sched=sched,
+            stream=stream,
+            s=s,
+            result=result,
+            progress=progress,
+            transport=transport,
         )
     else:
         _train_plain(
@@ -149,6 +159,7 @@ def _train_guarded(
     s: DemoSettings,
     result: RunResult,
     progress: Callable[[int, int], None] | None,
+    transport: Transport | None = None,
 ) -> None:
     guard = SpikeGuard(
         model=model,
@@ -158,6 +169,7 @@ def _train_guarded(
         config=s.guard_config(),
         snapshot_every=s.snapshot_every,
         keep_snapshots=8,
+        transport=transport,
     )
     for x, y in guard.batches(stream):
         step = guard.step_count
@@ -174,6 +186,7 @@ def _train_guarded(
             progress(min(guard.step_count, s.steps), s.steps)
         if guard.step_count >= s.steps or guard.halted:
             break
+    guard.close()
     result.stats = guard.stats
     monitor = getattr(guard.transport, "monitor", None)
     for incident in [] if monitor is None else monitor.incidents:

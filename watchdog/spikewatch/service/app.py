@@ -175,7 +175,7 @@ def create_app(service: Service) -> FastAPI:
     @app.post(
         "/v1/runs/{run}/commands",
         dependencies=[Depends(authorised)],
-        summary="An operator's command: halt, resume, rollback, or approve/veto a proposed rollback",
+        summary="An operator's command: halt, resume, rollback, approve or veto a rollback",
     )
     def command(run: str, body: CommandIn) -> Response:
         result = service.operator.apply(check_run_id(run), **body.model_dump())

@@ -6,8 +6,8 @@ import argparse
 import dataclasses
 import logging
 import os
-from contextlib import asynccontextmanager
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from spikewatch.errors import ConfigError
@@ -55,18 +55,20 @@ def read_token(token_file: str | None, environ: dict[str, str] | os._Environ[str
     token = environ.get(TOKEN_ENV, "").strip()
     if not token:
         raise ConfigError(
-            f"no token: set {TOKEN_ENV} or pass --token-file (every write needs Authorization: Bearer)"
+            f"no token: set {TOKEN_ENV} or pass --token-file "
+            "(every write needs Authorization: Bearer)"
         )
     return token
 
 
 def run(args: argparse.Namespace) -> int:
     """Serve until interrupted."""
-    import uvicorn  # heavy: only for this subcommand
+    # Heavy imports (uvicorn, FastAPI, the store) only for this subcommand.
+    import uvicorn  # noqa: PLC0415
 
-    from spikewatch.service.app import create_app
-    from spikewatch.service.config import ServiceConfig
-    from spikewatch.service.core import Service
+    from spikewatch.service.app import create_app  # noqa: PLC0415
+    from spikewatch.service.config import ServiceConfig  # noqa: PLC0415
+    from spikewatch.service.core import Service  # noqa: PLC0415
 
     config = ServiceConfig.from_file(args.config) if args.config else ServiceConfig()
     overrides = {

@@ -108,7 +108,7 @@ class ServiceConfig:
 
     @classmethod
     def from_mapping(cls, data: dict[str, Any]) -> ServiceConfig:
-        """Build from parsed TOML: ``[service]``, ``[monitor]`` (with ``[monitor.policy]``), ``[slack]``."""
+        """Build from parsed TOML: ``[service]``, ``[monitor]`` and ``[slack]`` sections."""
         _reject_unknown(data, {"service", "monitor", "slack"}, "the file")
         service = dict(data.get("service", {}))
         known = {f.name for f in dataclasses.fields(cls)} - {"monitor", "slack"}

@@ -65,7 +65,7 @@ class Service:
     def from_config(
         cls, config: ServiceConfig, *, token: str, environ: Mapping[str, str] = os.environ
     ) -> Service:
-        """Build with the Slack sink the config and environment ask for (fails fast on a bad one)."""
+        """Build with the Slack sink the config and environment ask for (fails fast if bad)."""
         settings = SlackSettings.from_mapping(config.slack)
         store = EventStore(config.db)  # read the persisted Slack threads before starting the sink
         threads = store.threads()

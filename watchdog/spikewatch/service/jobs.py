@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from spikewatch.incidents import Incident
+from spikewatch.service.notify import digest_notice, incident_notice
 from spikewatch.service.registry import RunRegistry
 from spikewatch.service.status import JobStatus
 from spikewatch.service.sweep import LevelShift, find_level_shift
@@ -37,7 +38,8 @@ def check_stalls(registry: RunRegistry) -> int:
                 id=f"stall-{int(last)}", run=run.run, kind="stall", metric="loss", onset_step=step,
                 peak_step=step, end_step=None, transient=False, score=0.0, action="watch",
                 detected_step=step, reason=(
-                    f"no records for {now - last:.0f} s (stall_after_s={cfg.stall_after_s:g}): check "
+                    f"no records for {now - last:.0f} s (stall_after_s="
+                    f"{cfg.stall_after_s:g}): check "
                     "the trainer process, its node and its connection to the service"
                 ),
             )  # fmt: skip
@@ -47,7 +49,7 @@ def check_stalls(registry: RunRegistry) -> int:
             registry.commit_run(run)
             stalled.append((replace(incident), list(run.recent)[-300:]))
     for incident, window in stalled:
-        registry.notify(lambda n, i=incident, w=window: n.incident(i, w))
+        registry.notify(incident_notice(incident, window))
     return len(stalled)
 
 
@@ -83,7 +85,7 @@ def sweep(registry: RunRegistry) -> int:
                 found.append((replace(incident), points))
             registry.commit_run(run)
     for incident, window in found:
-        registry.notify(lambda n, i=incident, w=window: n.incident(i, w))
+        registry.notify(incident_notice(incident, window))
     return len(found)
 
 
@@ -102,7 +104,7 @@ def digest(registry: RunRegistry) -> int:
     """Send every run's summary to the notifier; return how many runs it covered."""
     runs = registry.statuses()
     if runs:
-        registry.notify(lambda n: n.digest(runs, period_s=registry.config.digest_interval_s))
+        registry.notify(digest_notice(runs, registry.config.digest_interval_s))
     return len(runs)
 
 

@@ -60,7 +60,12 @@ class Operator:
                 run.monitor.policy.resume()
             else:
                 cmd = self._new(
-                    run_id, action, reason, run.monitor.last_step, rollback_before_step, skip_ahead
+                    run_id,
+                    action,
+                    reason=reason,
+                    last_step=run.monitor.last_step,
+                    before=rollback_before_step,
+                    skip_ahead=skip_ahead,
                 )
                 run.commands[cmd["id"]] = cmd
                 run.halted = run.halted or action == "halt"
@@ -103,6 +108,7 @@ class Operator:
     def _new(
         run_id: str,
         action: str,
+        *,
         reason: str,
         last_step: int | None,
         before: int | None,

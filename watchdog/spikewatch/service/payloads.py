@@ -69,7 +69,7 @@ def check_run_id(run: str) -> str:
         >>> check_run_id("a b")
         Traceback (most recent call last):
         ...
-        spikewatch.service.payloads.PayloadError: run='a b' is invalid: expected 1-128 of A-Z a-z 0-9 . _ : @ + - (starting with a letter or digit)
+        spikewatch.service.payloads.PayloadError: run='a b' is invalid: expected 1-128 of ...
     """
     if not RUN_ID.match(run):
         raise _bad("run", run, "1-128 of A-Z a-z 0-9 . _ : @ + - (starting with a letter or digit)")
@@ -96,7 +96,7 @@ def parse_ingest(data: object, run: str, *, max_records: int) -> IngestBatch:
         >>> parse_ingest({"records": [{"step": 1, "loss": "1.0"}]}, "r", max_records=10)
         Traceback (most recent call last):
         ...
-        spikewatch.service.payloads.PayloadError: records[0].loss='1.0' is invalid: expected a number (NaN and Infinity allowed)
+        spikewatch.service.payloads.PayloadError: records[0].loss='1.0' is invalid: ...
     """
     if type(data) is not dict:
         raise _bad("body", data, 'a JSON object like {"records": [...]}')
@@ -133,7 +133,8 @@ def _records(items: list[Any], run: str) -> list[StepRecord]:
             name = sorted(d.keys() - _RECORD_FIELDS)[0]
             raise PayloadError(
                 f"records[{i}].{name}",
-                f"records[{i}].{name} is not a record field: use {', '.join(sorted(_RECORD_FIELDS))}",
+                f"records[{i}].{name} is not a record field: use "
+                + ", ".join(sorted(_RECORD_FIELDS)),
             )
         step = d.get("step")
         if type(step) is not int:
@@ -177,7 +178,7 @@ def _number(value: Any, path: str, *, optional: bool = True) -> Any:
 
 def _integer(value: Any, path: str) -> int | None:
     if value is None or type(value) is int:
-        return value  # type: ignore[no-any-return]
+        return value
     raise _bad(path, value, "an integer or null")
 
 

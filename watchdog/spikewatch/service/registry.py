@@ -19,7 +19,7 @@ from typing import Any
 from spikewatch.incidents import Incident
 from spikewatch.records import ACTION_SEVERITY, Command, Decision
 from spikewatch.service.config import ServiceConfig
-from spikewatch.service.notify import Notifier
+from spikewatch.service.notify import Notice, Notifier, follow_up_notice, incident_notice
 from spikewatch.service.payloads import IngestBatch
 from spikewatch.service.run import ServiceRun
 from spikewatch.service.status import RunStatus
@@ -29,8 +29,6 @@ log = logging.getLogger(__name__)
 
 #: Records after a rollback's detection step with no new incident: the run recovered.
 RECOVERY_STEPS = 100
-
-Notice = Callable[[Notifier], None]
 
 
 class RunRegistry:
@@ -143,7 +141,7 @@ class RunRegistry:
         assert incident is not None  # check_stalls registered it
         incident.status, incident.end_step = "closed", run.monitor.last_step
         text = f"records arrive again (step {run.monitor.last_step})"
-        notices.append(lambda n, r=run.run, i=incident.id, t=text: n.follow_up(r, i, t))
+        notices.append(follow_up_notice(run.run, incident.id, text))
         return incident.to_json()
 
     def _rewind(self, run: ServiceRun, step: int, write: BatchWrite) -> None:
@@ -177,7 +175,7 @@ class RunRegistry:
                 )
             else:
                 text = f"{cmd['action']} applied by the trainer: {cmd['reason']}"
-            notices.append(lambda n, r=run.run, i=incident, t=text: n.follow_up(r, i, t))
+            notices.append(follow_up_notice(run.run, incident, text))
         return changed
 
     def _commands_from(
@@ -202,9 +200,7 @@ class RunRegistry:
             out.append(cmd)
             if d.action == "halt":
                 run.halted = True
-                notices.append(
-                    lambda n, r=run.run, i=incident, t=d.reason: n.follow_up(r, i, f"halted: {t}")
-                )
+                notices.append(follow_up_notice(run.run, incident, f"halted: {d.reason}"))
         return out
 
     def _touched(
@@ -231,7 +227,7 @@ class RunRegistry:
         run.announced.add(incident.id)
         copy = dataclasses.replace(incident)
         window = [p for p in run.recent if p[0] >= incident.onset_step - 200]
-        notices.append(lambda n: n.incident(copy, window, decision_reason=reason))
+        notices.append(incident_notice(copy, window, reason))
 
     def _watch_recovery(
         self, run: ServiceRun, decisions: list[Decision], notices: list[Notice]
@@ -247,7 +243,7 @@ class RunRegistry:
         else:
             return
         run.recovery = None
-        notices.append(lambda n, r=run.run, i=rec["incident"], t=text: n.follow_up(r, i, t))
+        notices.append(follow_up_notice(run.run, rec["incident"], text))
 
     def _response(self, run: ServiceRun, accepted: int, *, duplicate: bool) -> dict[str, Any]:
         threshold = run.monitor.skip_threshold()
@@ -257,6 +253,7 @@ class RunRegistry:
             "commands": run.live_commands("pending"),
             "skip_threshold": threshold if threshold != float("inf") else None,
             "halted": run.halted,
+            "incidents": len(run.monitor.incidents),
         }
 
     def notify(self, notice: Notice) -> None:

@@ -126,7 +126,7 @@ class EventStore:
     def ping(self) -> bool:
         """True when the database answers (for /healthz)."""
         with self._lock:
-            return self._db.execute("SELECT 1").fetchone() == (1,)
+            return bool(self._db.execute("SELECT 1").fetchone() == (1,))
 
     # -- writes -------------------------------------------------------------------------
     def write(self, w: BatchWrite) -> None:
@@ -158,7 +158,8 @@ class EventStore:
             for inc in w.incidents:
                 self._upsert_incident(db, inc, now)
             db.executemany(
-                "INSERT INTO decisions (run, step, action, incident, body, at) VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO decisions (run, step, action, incident, body, at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
                 [
                     (w.run, d["step"], d["action"], _incident_of(d), json.dumps(d), now)
                     for d in w.decisions
@@ -172,7 +173,8 @@ class EventStore:
         db.execute(
             "INSERT INTO incidents (run, id, kind, onset_step, detected_step, action, status, "
             "reason, body, opened, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT (run, id) DO UPDATE SET kind=excluded.kind, onset_step=excluded.onset_step, "
+            "ON CONFLICT (run, id) DO UPDATE SET kind=excluded.kind, "
+            "onset_step=excluded.onset_step, "
             "action=excluded.action, status=excluded.status, reason=excluded.reason, "
             "body=excluded.body, updated=excluded.updated",
             (
@@ -249,7 +251,8 @@ class EventStore:
         """The newest monitor snapshot taken after a step before ``step``."""
         with self._lock:
             row = self._db.execute(
-                "SELECT monitor FROM snapshots WHERE run = ? AND step < ? ORDER BY step DESC LIMIT 1",
+                "SELECT monitor FROM snapshots WHERE run = ? AND step < ? "
+                "ORDER BY step DESC LIMIT 1",
                 (run, step),
             ).fetchone()
         return None if row is None else dict(json.loads(row[0]))

@@ -1,0 +1,316 @@
+"""The trainer's client for `spikewatch serve`: batches records on a background thread.
+
+The training thread only appends to a bounded in-memory queue (under a lock held for
+microseconds) and picks up the decisions that came back; a daemon thread does every
+socket operation. When the service is slow or down, records wait in the queue (the
+newest are dropped and counted once it is full) and the sender retries with backoff,
+resending a batch under the same sequence number so the service never ingests it
+twice. Nothing here raises into training.
+"""
+
+from __future__ import annotations
+
+import atexit
+import http.client
+import json
+import logging
+import os
+import threading
+import time
+import urllib.parse
+import uuid
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from spikewatch.errors import bad_value
+from spikewatch.records import Decision, StepRecord
+
+log = logging.getLogger(__name__)
+
+TOKEN_ENV = "SPIKEWATCH_TOKEN"
+
+
+@dataclass(frozen=True, slots=True)
+class _Rewind:
+    """Queue marker: the records after it continue a rolled-back run."""
+
+
+@dataclass(slots=True)
+class _Batch:
+    seq: int
+    records: list[StepRecord]
+    rewind: bool
+    acks: list[str] = field(default_factory=list)
+
+
+class HttpTransport:
+    """A `Transport` to a `spikewatch serve` instance.
+
+    Args:
+        url: the service, e.g. ``http://monitor:9650``.
+        run: the run id.
+        token: bearer token (default: ``$SPIKEWATCH_TOKEN``).
+        max_queue: records held while the service is unreachable; beyond it new
+            records are dropped and counted in `dropped` (the queue keeps a contiguous
+            stretch, and the batch in flight is never touched).
+        batch_size: most records per request.
+        flush_interval_s: longest a record waits before it is sent.
+        timeout_s: per-request socket timeout.
+        max_backoff_s: longest pause between retries while the service is down.
+
+    Example:
+        >>> t = HttpTransport("http://127.0.0.1:9", run="r", token="t", max_queue=2)
+        >>> t.submit([StepRecord(run="r", step=i, loss=1.0) for i in range(3)])
+        []
+        >>> t.dropped, t.queued    # the service is not there: held, then dropped when full
+        (1, 2)
+        >>> t.close(timeout=0.1)
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        run: str,
+        token: str | None = None,
+        max_queue: int = 100_000,
+        batch_size: int = 2000,
+        flush_interval_s: float = 1.0,
+        timeout_s: float = 10.0,
+        max_backoff_s: float = 10.0,
+    ) -> None:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise bad_value(
+                "monitor_url", url, "use http://host:port of a running `spikewatch serve`"
+            )
+        token = token if token is not None else os.environ.get(TOKEN_ENV, "")
+        if not token:
+            raise bad_value("token", token, f"pass token= or set {TOKEN_ENV} (the service's token)")
+        self.url, self.run = url, run
+        self._parts, self._token = parts, token
+        self._path = f"{parts.path.rstrip('/')}/v1/runs/{urllib.parse.quote(run, safe='')}/records"
+        self.max_queue, self.batch_size = max_queue, batch_size
+        self.flush_interval_s, self.timeout_s, self.max_backoff_s = (
+            flush_interval_s,
+            timeout_s,
+            max_backoff_s,
+        )
+        self.client_id = uuid.uuid4().hex[:12]
+        self._queue: deque[StepRecord | _Rewind] = deque()
+        self._queued = 0
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._decisions: deque[tuple[str, Decision]] = deque()
+        self._seen: set[str] = set()
+        self._acks: list[str] = []
+        self._seq = 0
+        self._threshold = float("inf")
+        self._incidents = 0
+        self._conn: http.client.HTTPConnection | None = None
+        self.sent = self.dropped = self.failures = self.rejected = 0
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="spikewatch-http", daemon=True)
+        self._thread.start()
+        atexit.register(self.close, timeout=2.0)
+
+    # -- the training thread ------------------------------------------------------------
+    def submit(self, records: Sequence[StepRecord]) -> list[Decision]:
+        """Queue records (never blocks on the network); return commands that arrived."""
+        with self._lock:
+            room = max(0, self.max_queue - self._queued)
+            if room < len(records):
+                self.dropped += len(records) - room
+                records = records[:room]
+            self._queue.extend(records)
+            self._queued += len(records)
+            full = self._queued >= self.batch_size
+            out = []
+            while self._decisions:
+                command_id, decision = self._decisions.popleft()
+                self._acks.append(command_id)  # handed to the trainer, applied at this boundary
+                out.append(decision)
+        if full:
+            self._wake.set()
+        return out
+
+    def detector_state(self) -> dict[str, Any]:
+        """Detection state lives in the service; a snapshot keeps nothing of it."""
+        return {}
+
+    def rewind(self, state: dict[str, Any]) -> None:
+        """The trainer rolled back: the next records tell the service to rewind too."""
+        with self._lock:
+            self._queue.append(_Rewind())
+
+    def incidents(self) -> int:
+        """Incidents the service has opened for this run (as of the last response)."""
+        return self._incidents
+
+    def skip_threshold(self) -> float:
+        """The service's grad-norm skip threshold (inf until it answered once)."""
+        return self._threshold
+
+    @property
+    def queued(self) -> int:
+        """Records waiting to be sent."""
+        return self._queued
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every queued record was delivered; False if ``timeout`` passed first."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._queue:
+                    return True
+            self._wake.set()
+            time.sleep(0.01)
+        return False
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Deliver what is queued (up to ``timeout``), then stop the sender."""
+        if self._stop:
+            return
+        self.flush(timeout)
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=max(timeout, 0.1))
+        if self._conn is not None:
+            self._conn.close()
+
+    # -- the sender thread --------------------------------------------------------------
+    def _run(self) -> None:
+        batch: _Batch | None = None
+        backoff = 0.1
+        while not self._stop:
+            if batch is None:
+                self._wake.wait(self.flush_interval_s)
+                self._wake.clear()
+                batch = self._next_batch()
+                if batch is None:
+                    continue
+            if self._send(batch):
+                self._commit(batch)
+                batch, backoff = None, 0.1
+                if self._queued >= self.batch_size:
+                    self._wake.set()
+            else:
+                time.sleep(backoff)  # the service is down or slow: keep the batch, retry
+                backoff = min(backoff * 2.0, self.max_backoff_s)
+
+    def _next_batch(self) -> _Batch | None:
+        with self._lock:
+            acks, self._acks = self._acks, []
+            rewind = len(self._queue) > 1 and isinstance(self._queue[0], _Rewind)
+            if rewind:  # only with a record behind it: rewind_to names that record's step
+                self._queue.popleft()
+            records: list[StepRecord] = []
+            for item in self._queue:
+                if isinstance(item, _Rewind) or len(records) == self.batch_size:
+                    break
+                records.append(item)
+            if not records and self._queue:
+                rewind = False  # a lone marker waits for the records that follow it
+        if not records and not acks:
+            return None
+        self._seq += 1
+        return _Batch(self._seq, records, rewind, acks)
+
+    def _commit(self, batch: _Batch) -> None:
+        """Drop a delivered batch's records from the queue (new ones were appended behind)."""
+        with self._lock:
+            n = len(batch.records)
+            for _ in range(n):
+                item = self._queue.popleft()
+                while isinstance(item, _Rewind):  # cannot happen ahead of the batch's records
+                    item = self._queue.popleft()
+            self._queued -= n
+            self.sent += n
+
+    def _body(self, batch: _Batch) -> bytes:
+        data: dict[str, Any] = {
+            "records": [_record_json(r) for r in batch.records],
+            "seq": batch.seq,
+            "client": self.client_id,
+            "acks": batch.acks,
+            "dropped": self.dropped,
+        }
+        if batch.rewind and batch.records:
+            data["rewind_to"] = batch.records[0].step
+        return json.dumps(data).encode()
+
+    def _send(self, batch: _Batch) -> bool:
+        """POST one batch; True when the service took it (or rejected it for good)."""
+        try:
+            status, payload = self._post(self._body(batch))
+        except (OSError, http.client.HTTPException) as exc:
+            self.failures += 1
+            self._reset()
+            log.warning("spikewatch: monitor service %s unreachable (%s); retrying", self.url, exc)
+            return False
+        if status == 200:
+            self._handle(payload)
+            return True
+        if status in (400, 413, 422):  # this batch can never be accepted: say why, move on
+            self.rejected += len(batch.records)
+            log.error("spikewatch: monitor service rejected a batch (%d): %s", status, payload)
+            return True
+        self.failures += 1
+        log.warning("spikewatch: monitor service answered %d (%s); retrying", status, payload)
+        return False
+
+    def _post(self, body: bytes) -> tuple[int, Any]:
+        if self._conn is None:
+            cls = (
+                http.client.HTTPSConnection
+                if self._parts.scheme == "https"
+                else http.client.HTTPConnection
+            )
+            self._conn = cls(self._parts.hostname or "", self._parts.port, timeout=self.timeout_s)
+        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {self._token}"}
+        self._conn.request("POST", self._path, body=body, headers=headers)
+        resp = self._conn.getresponse()
+        raw = resp.read()
+        try:
+            return resp.status, json.loads(raw)
+        except ValueError:
+            return resp.status, raw[:200].decode(errors="replace")
+
+    def _reset(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _handle(self, payload: dict[str, Any]) -> None:
+        threshold = payload.get("skip_threshold")
+        self._threshold = float("inf") if threshold is None else float(threshold)
+        self._incidents = int(payload.get("incidents", self._incidents))
+        for cmd in payload.get("commands", []):
+            if cmd["id"] in self._seen:
+                continue
+            self._seen.add(cmd["id"])
+            with self._lock:
+                self._decisions.append((cmd["id"], _decision(cmd)))
+
+
+def _record_json(r: StepRecord) -> dict[str, Any]:
+    d: dict[str, Any] = {"step": r.step, "loss": r.loss}
+    for name in ("grad_norm", "lr", "data_position", "wall_time"):
+        value = getattr(r, name)
+        if value is not None:
+            d[name] = value
+    return d
+
+
+def _decision(cmd: dict[str, Any]) -> Decision:
+    return Decision(
+        run=cmd["run"],
+        step=int(cmd["issued_step"]),
+        action=cmd["action"] if cmd["action"] in ("rollback", "halt") else "watch",
+        reason=f"spikewatch service: {cmd['reason']}",
+        rollback_before_step=cmd.get("rollback_before_step"),
+        lr_factor=float(cmd.get("lr_factor", 1.0)),
+        skip_ahead=int(cmd.get("skip_ahead", 0)),
+    )
