@@ -73,11 +73,14 @@ class Monitor:
 
     def observe(self, record: StepRecord) -> list[Decision]:
         """Run one record through detectors and policy; return the decisions it caused."""
+        return self._observe_one(record.step, record.loss, record.grad_norm)
+
+    def _observe_one(self, step: int, loss: float, grad_norm: float | None) -> list[Decision]:
         self.records += 1
-        self.last_step = record.step
-        signals = self.loss.update(record.step, record.loss)
-        if record.grad_norm is not None:
-            signals += self.grad_norm.update(record.step, record.grad_norm)
+        self.last_step = step
+        signals = self.loss.update(step, loss)
+        if grad_norm is not None:
+            signals += self.grad_norm.update(step, grad_norm)
         return self._decide(signals)
 
     def observe_many(self, records: Sequence[StepRecord]) -> list[Decision]:
@@ -97,33 +100,48 @@ class Monitor:
             >>> fast == slow, a.state_dict() == b.state_dict(), [d.step for d in fast]
             (True, True, [300, 308])
         """
+        return self.observe_columns(
+            [r.step for r in records], [r.loss for r in records], [r.grad_norm for r in records]
+        )
+
+    def observe_columns(
+        self, steps: Sequence[int], losses: Sequence[float], grad_norms: Sequence[float | None]
+    ) -> list[Decision]:
+        """`observe_many` on columns (the service parses request bodies straight into them)."""
         out: list[Decision] = []
-        i, n = 0, len(records)
+        i, n = 0, len(steps)
         while i < n:
-            i += self._routine(records, i)
+            i += self._routine(steps, losses, grad_norms, i)
             if i < n:
-                out.extend(self.observe(records[i]))
+                out.extend(self._observe_one(steps[i], losses[i], grad_norms[i]))
                 i += 1
         return out
 
-    def _routine(self, records: Sequence[StepRecord], start: int) -> int:
+    def _routine(
+        self,
+        all_steps: Sequence[int],
+        losses: Sequence[float],
+        grad_norms: Sequence[float | None],
+        start: int,
+    ) -> int:
         """Advance in bulk past the routine records from ``start``; return how many."""
-        with_grad = records[start].grad_norm is not None
-        chunk: list[StepRecord] = []
-        for r in records[start : start + self._budget]:
-            if (r.grad_norm is not None) != with_grad:
+        with_grad = grad_norms[start] is not None
+        stop = min(len(all_steps), start + self._budget)
+        for k in range(start, stop):  # one grad-norm presence per bulk run
+            if (grad_norms[k] is not None) != with_grad:
+                stop = k
                 break
-            chunk.append(r)
-        if len(chunk) < _MIN_RUN:
+        size = stop - start
+        if size < _MIN_RUN:
             return 0
-        steps = [r.step for r in chunk]
-        loss_plan = self.loss.plan_routine(steps, [r.loss for r in chunk])
+        steps = list(all_steps[start:stop])
+        loss_plan = self.loss.plan_routine(steps, list(losses[start:stop]))
         if loss_plan is None:
             return 0
         count = loss_plan[1]
         if with_grad:
-            grads = [r.grad_norm for r in chunk]
-            grad_plan = self.grad_norm.plan_routine(steps, grads)  # type: ignore[arg-type]
+            grads: list[float] = list(grad_norms[start:stop])  # type: ignore[arg-type]
+            grad_plan = self.grad_norm.plan_routine(steps, grads)
             if grad_plan is None:
                 return 0
             count = min(count, grad_plan[1])
@@ -134,7 +152,7 @@ class Monitor:
             self.last_step = steps[count - 1]
         # Grow the scored run while whole runs pass; shrink it after a flag, so the work
         # scored past a flag and thrown away stays small on spiky curves.
-        full = count == len(chunk)
+        full = count == size
         self._budget = min(MAX_RUN, self._budget * 2) if full else _MIN_RUN * 4
         return count
 

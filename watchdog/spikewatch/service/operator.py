@@ -26,7 +26,7 @@ class Operator:
         >>> from spikewatch.service.payloads import IngestBatch
         >>> from spikewatch.service.store import EventStore
         >>> reg = RunRegistry(EventStore(":memory:"), ServiceConfig())
-        >>> _ = reg.ingest("r", IngestBatch(records=[StepRecord(run="r", step=0, loss=1.0)]), b"{}")
+        >>> _ = reg.ingest("r", IngestBatch.of([StepRecord(run="r", step=0, loss=1.0)]), b"{}")
         >>> Operator(reg).apply("r", action="halt", reason="bad data")["command"]["status"]
         'pending'
         >>> reg.status("r").state

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any
 
 from spikewatch.errors import WireFormatError
@@ -40,10 +41,10 @@ def _bad(path: str, value: object, want: str) -> PayloadError:
 
 @dataclass(frozen=True, slots=True)
 class IngestBatch:
-    """A validated ``POST /v1/runs/{run}/records`` body.
+    """A validated ``POST /v1/runs/{run}/records`` body, records as columns.
 
     Attributes:
-        records: the records, steps strictly increasing.
+        steps, loss, grad_norm, lr: the records' fields, steps strictly increasing.
         seq: the client's batch sequence number (retries of a delivered batch are
             recognised by it and not ingested twice).
         client: the client's session id (a restarted trainer starts a new sequence).
@@ -52,12 +53,29 @@ class IngestBatch:
         dropped: records the client dropped so far (its queue was full).
     """
 
-    records: list[StepRecord]
+    steps: list[int]
+    loss: list[float]
+    grad_norm: list[float | None]
+    lr: list[float | None]
     seq: int | None = None
     client: str | None = None
     acks: list[str] = field(default_factory=list)
     rewind_to: int | None = None
     dropped: int = 0
+
+    @classmethod
+    def of(cls, records: list[StepRecord], **extra: Any) -> IngestBatch:
+        """A batch of ``records`` (for callers that hold `StepRecord` objects)."""
+        return cls(
+            steps=[r.step for r in records],
+            loss=[r.loss for r in records],
+            grad_norm=[r.grad_norm for r in records],
+            lr=[r.lr for r in records],
+            **extra,
+        )
+
+    def __len__(self) -> int:
+        return len(self.steps)
 
 
 def check_run_id(run: str) -> str:
@@ -91,8 +109,8 @@ def parse_ingest(data: object, run: str, *, max_records: int) -> IngestBatch:
 
     Example:
         >>> b = parse_ingest({"records": [{"step": 1, "loss": float("nan")}]}, "r", max_records=10)
-        >>> b.records[0].run, b.records[0].step
-        ('r', 1)
+        >>> b.steps, b.loss
+        ([1], [nan])
         >>> parse_ingest({"records": [{"step": 1, "loss": "1.0"}]}, "r", max_records=10)
         Traceback (most recent call last):
         ...
@@ -113,13 +131,58 @@ def parse_ingest(data: object, run: str, *, max_records: int) -> IngestBatch:
         raise PayloadError(
             "records", f"records has {len(items)} items: send at most {max_records} per request"
         )
+    steps, loss, grad, lr = _columns(items, run)
     return IngestBatch(
-        records=_records(items, run),
+        steps=steps,
+        loss=loss,
+        grad_norm=grad,
+        lr=lr,
         seq=_optional_int(data, "seq"),
         client=_optional_str(data, "client"),
         acks=_acks(data.get("acks", [])),
         rewind_to=_optional_int(data, "rewind_to"),
         dropped=_optional_int(data, "dropped") or 0,
+    )
+
+
+Columns = tuple[list[int], list[float], list[float | None], list[float | None]]
+
+
+def _columns(items: list[Any], run: str) -> Columns:
+    """Type-check whole columns at once (a few list passes); on any doubt, fall back to
+    the record-by-record check, which finds the first bad field and says what it is."""
+    if all(type(d) is dict and d.keys() <= _RECORD_FIELDS for d in items):
+        steps = [d.get("step") for d in items]
+        loss = [d.get("loss") for d in items]
+        grad = [d.get("grad_norm") for d in items]
+        lr = [d.get("lr") for d in items]
+        if (
+            all(type(s) is int for s in steps)
+            and all(a < b for a, b in pairwise(steps))
+            and all(type(x) is float for x in loss)
+            and all(x is None or type(x) is float for x in grad)
+            and all(x is None or type(x) is float for x in lr)
+            and all(d.keys() <= _FAST_FIELDS or _extras_ok(d, run) for d in items)
+        ):
+            return steps, loss, grad, lr
+    records = _records(items, run)
+    return (
+        [r.step for r in records],
+        [r.loss for r in records],
+        [r.grad_norm for r in records],
+        [r.lr for r in records],
+    )
+
+
+_FAST_FIELDS = frozenset(("step", "loss", "grad_norm", "lr"))
+
+
+def _extras_ok(d: dict[str, Any], run: str) -> bool:
+    dp, wt = d.get("data_position"), d.get("wall_time")
+    return (
+        d.get("run", run) == run
+        and (dp is None or type(dp) is int)
+        and (wt is None or type(wt) is float)
     )
 
 

@@ -37,7 +37,7 @@ class RunRegistry:
     Example:
         >>> from spikewatch.records import StepRecord
         >>> reg = RunRegistry(EventStore(":memory:"), ServiceConfig())
-        >>> batch = IngestBatch(records=[StepRecord(run="r", step=0, loss=1.0)])
+        >>> batch = IngestBatch.of([StepRecord(run="r", step=0, loss=1.0)])
         >>> reg.ingest("r", batch, b'{"records": [{"step": 0, "loss": 1.0}]}')["accepted"]
         1
         >>> [s.run for s in reg.statuses()]
@@ -92,7 +92,7 @@ class RunRegistry:
                 if any(s.run == run_id for s in self.store.runs()):
                     self.runs[run_id] = self._restore(run_id)
                 raise
-            response = self._response(run, len(batch.records), duplicate=False)
+            response = self._response(run, len(batch), duplicate=False)
         self._send(notices)
         return response
 
@@ -111,20 +111,20 @@ class RunRegistry:
         now = self.clock()
         write = BatchWrite(run=run.run, monitor="", info={})
         write.commands += self._apply_acks(run, batch.acks, notices)
-        records = batch.records
+        steps = batch.steps
         last = run.monitor.last_step
         rewind_to = batch.rewind_to
-        if rewind_to is None and records and last is not None and records[0].step <= last:
-            rewind_to = records[0].step  # the trainer went back without saying so
+        if rewind_to is None and steps and last is not None and steps[0] <= last:
+            rewind_to = steps[0]  # the trainer went back without saying so
         if rewind_to is not None:
             self._rewind(run, rewind_to, write)
         run.client, run.seq = batch.client, batch.seq
         run.client_dropped = max(run.client_dropped, batch.dropped)
-        if records:
+        if steps:
             was_stalled = run.stalled
-            decisions = run.observe(records, now=now)
-            write.body, write.count = body, len(records)
-            write.first_step, write.last_step = records[0].step, records[-1].step
+            decisions = run.observe(batch, now=now)
+            write.body, write.count = body, len(steps)
+            write.first_step, write.last_step = steps[0], steps[-1]
             write.decisions = [d.to_json() for d in decisions if d.action != "watch"]
             write.commands += self._commands_from(run, decisions, notices)
             write.incidents = self._touched(run, decisions, notices)

@@ -9,7 +9,8 @@ from typing import Any
 
 from spikewatch.incidents import Incident
 from spikewatch.monitor import Monitor
-from spikewatch.records import Decision, StepRecord
+from spikewatch.records import Decision
+from spikewatch.service.payloads import IngestBatch
 from spikewatch.service.status import RunState, RunStatus
 from spikewatch.service.store import StoredRun
 from spikewatch.settings import MonitorConfig
@@ -24,7 +25,8 @@ class ServiceRun:
 
     Example:
         >>> run = ServiceRun("r", MonitorConfig(), recent=100)
-        >>> run.observe([StepRecord(run="r", step=0, loss=2.5, grad_norm=1.0)], now=10.0)
+        >>> batch = IngestBatch(steps=[0], loss=[2.5], grad_norm=[1.0], lr=[None])
+        >>> run.observe(batch, now=10.0)
         []
         >>> s = run.status(now=11.0, stall_after_s=60.0)
         >>> s.state, s.records, s.loss, s.last_record_time
@@ -55,20 +57,13 @@ class ServiceRun:
         self.pending_skip_ahead = 0  # batches an applied rollback skips ahead (counted at rewind)
 
     # -- ingest -------------------------------------------------------------------------
-    def observe(self, records: list[StepRecord], *, now: float) -> list[Decision]:
-        """Feed records to the monitor; track the latest values and signal counts."""
-        decisions = self.monitor.observe_many(records)
-        last = records[-1]
-        self.last_record_time, self.loss = now, last.loss
-        for r in reversed(records):
-            if r.grad_norm is not None:
-                self.grad_norm = r.grad_norm
-                break
-        for r in reversed(records):
-            if r.lr is not None:
-                self.lr = r.lr
-                break
-        self.recent.extend((r.step, r.loss) for r in records)
+    def observe(self, batch: IngestBatch, *, now: float) -> list[Decision]:
+        """Feed a batch to the monitor; track the latest values and signal counts."""
+        decisions = self.monitor.observe_columns(batch.steps, batch.loss, batch.grad_norm)
+        self.last_record_time, self.loss = now, batch.loss[-1]
+        self.grad_norm = _last_given(batch.grad_norm, self.grad_norm)
+        self.lr = _last_given(batch.lr, self.lr)
+        self.recent.extend(zip(batch.steps, batch.loss, strict=True))
         self.stalled = False
         for d in decisions:
             if d.signal is not None:
@@ -190,6 +185,13 @@ class ServiceRun:
         run.commands = {c["id"]: c for c in commands}
         run.recent.extend((int(r["step"]), float(r["loss"])) for r in recent)
         return run
+
+
+def _last_given(values: list[float | None], default: float | None) -> float | None:
+    for v in reversed(values):
+        if v is not None:
+            return v
+    return default
 
 
 def finite_or_none(x: float | None) -> float | None:
