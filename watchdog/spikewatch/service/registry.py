@@ -23,7 +23,7 @@ from spikewatch.service.notify import Notice, Notifier, follow_up_notice, incide
 from spikewatch.service.payloads import IngestBatch
 from spikewatch.service.run import ServiceRun
 from spikewatch.service.status import RunStatus
-from spikewatch.service.store import BatchWrite, EventStore
+from spikewatch.service.store import BatchWrite, EventStore, StoredRun
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +57,10 @@ class RunRegistry:
         self.runs: dict[str, ServiceRun] = {}
         self.notify_failures = 0
         for stored in store.runs():
-            self.runs[stored.run] = self._restore(stored.run)
+            self.runs[stored.run] = self._restore(stored)
 
-    def _restore(self, run_id: str) -> ServiceRun:
-        stored = next(s for s in self.store.runs() if s.run == run_id)
-        keep = self.config.recent_records
+    def _restore(self, stored: StoredRun) -> ServiceRun:
+        run_id, keep = stored.run, self.config.recent_records
         return ServiceRun.restore(
             stored,
             self.config.monitor,
@@ -89,8 +88,9 @@ class RunRegistry:
                 # The store did not take the batch: forget the in-memory changes too, so
                 # the client's retry is observed exactly once.
                 self.runs.pop(run_id, None)
-                if any(s.run == run_id for s in self.store.runs()):
-                    self.runs[run_id] = self._restore(run_id)
+                stored = self.store.run(run_id)
+                if stored is not None:
+                    self.runs[run_id] = self._restore(stored)
                 raise
             response = self._response(run, len(batch), duplicate=False)
         self._send(notices)

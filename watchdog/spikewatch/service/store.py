@@ -226,6 +226,18 @@ class EventStore:
             ).fetchall()
         return [StoredRun(r, c, json.loads(m), json.loads(i)) for r, c, m, i in rows]
 
+    def run(self, run: str) -> StoredRun | None:
+        """One run as persisted, or None."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT run, created, monitor, info FROM runs WHERE run = ?", (run,)
+            ).fetchone()
+        return (
+            None
+            if row is None
+            else StoredRun(row[0], row[1], json.loads(row[2]), json.loads(row[3]))
+        )
+
     def incidents(self, run: str) -> list[dict[str, Any]]:
         """A run's incidents, oldest first."""
         with self._lock:
