@@ -11,11 +11,15 @@ import hmac
 import json
 import logging
 import sqlite3
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, Field
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from spikewatch import __version__
 from spikewatch.service.core import Service
@@ -63,6 +67,8 @@ _INGEST_BODY = {
 class CommandIn(BaseModel):
     """An operator's command for a run."""
 
+    model_config = ConfigDict(extra="forbid")  # a typo like "reson" is an error, not ignored
+
     action: Literal["halt", "resume", "approve", "veto", "rollback"]
     command: str | None = Field(default=None, description="the proposed command (approve, veto)")
     reason: str = Field(default="operator request", max_length=500)
@@ -87,16 +93,16 @@ def _json(data: Any, status: int = 200) -> Response:
     return Response(json.dumps(data), status_code=status, media_type="application/json")
 
 
-def create_app(service: Service) -> FastAPI:
-    """Build the ASGI app around a `Service` (which owns state, store, jobs and sinks)."""
-    app = FastAPI(
-        title="spikewatch", version=__version__, description="Loss-spike watchdog service."
-    )
+_BEARER = HTTPBearer(auto_error=False, description="the service token (SPIKEWATCH_TOKEN)")
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]
 
-    def authorised(request: Request) -> None:
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not given:
+
+def _authoriser(service: Service) -> Callable[[Credentials], None]:
+    """The dependency of every write and command route: 401 without a token, 403 wrong."""
+
+    def authorised(credentials: Credentials) -> None:
+        given = "" if credentials is None else credentials.credentials
+        if not given:
             service.ingest_counts["unauthorized"] += 1
             raise HTTPException(
                 401,
@@ -107,27 +113,48 @@ def create_app(service: Service) -> FastAPI:
             service.ingest_counts["unauthorized"] += 1
             raise HTTPException(403, "wrong token: use the token the service was started with")
 
-    async def read_body(request: Request) -> bytes:
-        limit = service.config.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
+    return authorised
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused (413) past ``limit`` bytes before it is all read."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadError("body", f"body is {declared} bytes: send at most {limit}", status=413)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
             raise PayloadError(
-                "body", f"body is {declared} bytes: send at most {limit}", status=413
+                "body", f"body exceeds {limit} bytes: send smaller batches", status=413
             )
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise PayloadError(
-                    "body", f"body exceeds {limit} bytes: send smaller batches", status=413
-                )
-            chunks.append(chunk)
-        return b"".join(chunks)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _install_error_handlers(app: FastAPI, service: Service) -> None:
+    """Every error answers ``{"error": message[, "field": path]}`` with a 4xx (or 503)."""
 
     @app.exception_handler(PayloadError)
     async def payload_error(request: Request, exc: PayloadError) -> Response:
         service.ingest_counts["rejected"] += 1
         return JSONResponse({"error": str(exc), "field": exc.field}, status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        # One error shape everywhere: {"error": message[, "field": path]}.
+        return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        first = exc.errors()[0] if exc.errors() else {"loc": ("body",), "msg": "invalid"}
+        field = ".".join(str(p) for p in first["loc"] if p != "body") or "body"
+        if first.get("type") == "json_invalid":
+            return JSONResponse(
+                {"error": f"body is not valid JSON: {first['msg']}", "field": "body"}, 400
+            )
+        message = f"{field}: {first['msg']}"
+        return JSONResponse({"error": message, "field": field}, status_code=422)
 
     @app.exception_handler(OperatorError)
     async def operator_error(request: Request, exc: OperatorError) -> Response:
@@ -140,6 +167,16 @@ def create_app(service: Service) -> FastAPI:
             {"error": f"event store unavailable ({exc}): retry later"}, status_code=503
         )
 
+
+def create_app(service: Service) -> FastAPI:
+    """Build the ASGI app around a `Service` (which owns state, store, jobs and sinks)."""
+    app = FastAPI(
+        title="spikewatch", version=__version__, description="Loss-spike watchdog service."
+    )
+
+    _install_error_handlers(app, service)
+    authorised = _authoriser(service)
+
     @app.post(
         "/v1/runs/{run}/records",
         dependencies=[Depends(authorised)],
@@ -149,7 +186,7 @@ def create_app(service: Service) -> FastAPI:
     )
     async def ingest(run: str, request: Request) -> Response:
         check_run_id(run)
-        body = await read_body(request)
+        body = await _read_body(request, service.config.max_body_bytes)
         batch = parse_ingest(parse_json(body), run, max_records=service.config.max_records)
         response = service.registry.ingest(run, batch, body)
         service.ingest_counts["accepted"] += 1
@@ -189,6 +226,6 @@ def create_app(service: Service) -> FastAPI:
     @app.get("/healthz", summary="Liveness, store and scheduled jobs")
     def healthz() -> Response:
         health = service.health()
-        return _json(health, 200 if health["status"] == "ok" else 503)
+        return _json(health, 503 if health["status"] == "down" else 200)
 
     return app

@@ -46,7 +46,7 @@ class Service:
                 "the service token is empty: set SPIKEWATCH_TOKEN or pass --token-file"
             )
         self.config, self.token, self.slack, self.clock = config, token, slack, clock
-        self.store = EventStore(config.db)
+        self.store = EventStore(config.db, clock=clock)
         notifier: Notifier | None = slack
         self.registry = RunRegistry(self.store, config, notifier=notifier, clock=clock)
         self.operator = Operator(self.registry)
@@ -66,7 +66,7 @@ class Service:
         cls, config: ServiceConfig, *, token: str, environ: Mapping[str, str] = os.environ
     ) -> Service:
         """Build with the Slack sink the config and environment ask for (fails fast if bad)."""
-        settings = SlackSettings.from_mapping(config.slack)
+        settings = SlackSettings.from_mapping(config.slack, environ=environ)
         store = EventStore(config.db)  # read the persisted Slack threads before starting the sink
         threads = store.threads()
         store.close()
@@ -115,8 +115,12 @@ class Service:
         except Exception:  # a broken store is what /healthz is for
             store_ok = False
         jobs = [dataclasses.asdict(j) for j in self.jobs.statuses()]
+        failing = [j["job"] for j in jobs if j["last_error"] is not None]
         return {
-            "status": "ok" if store_ok else "degraded",
+            # 503 (from the route) only when the store is down: a failing job is worth a
+            # look, not a restart of the service.
+            "status": "down" if not store_ok else "degraded" if failing else "ok",
+            "failing_jobs": failing,
             "version": __version__,
             "store": store_ok,
             "uptime_s": self.clock() - self.started,

@@ -20,6 +20,10 @@ from spikewatch.records import StepRecord
 #: Run ids appear in URLs, metric labels and Slack: keep them plain.
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}$")
 
+# SQLite stores 64-bit integers; a float holds ints below ~1.8e308.
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_FLOAT_MAX = 2**1023 * (2 - 2**-52)  # the largest finite float, as an exact int
+
 _RECORD_FIELDS = frozenset(("run", "step", "loss", "grad_norm", "lr", "data_position", "wall_time"))
 _BATCH_FIELDS = frozenset(("records", "seq", "client", "acks", "rewind_to", "dropped"))
 
@@ -98,7 +102,7 @@ def parse_json(body: bytes) -> Any:
     """Parse a request body, or raise `PayloadError` saying where it breaks."""
     try:
         return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad JSON, >4300-digit ints, deep nesting
         raise PayloadError(
             "body", f"body is not valid JSON ({exc}): send a JSON object", status=400
         ) from exc
@@ -158,6 +162,7 @@ def _columns(items: list[Any], run: str) -> Columns:
         lr = [d.get("lr") for d in items]
         if (
             all(type(s) is int for s in steps)
+            and (not steps or (steps[0] >= _INT64_MIN and steps[-1] <= _INT64_MAX))
             and all(a < b for a, b in pairwise(steps))
             and all(type(x) is float for x in loss)
             and all(x is None or type(x) is float for x in grad)
@@ -181,7 +186,7 @@ def _extras_ok(d: dict[str, Any], run: str) -> bool:
     dp, wt = d.get("data_position"), d.get("wall_time")
     return (
         d.get("run", run) == run
-        and (dp is None or type(dp) is int)
+        and (dp is None or (type(dp) is int and _INT64_MIN <= dp <= _INT64_MAX))
         and (wt is None or type(wt) is float)
     )
 
@@ -200,8 +205,8 @@ def _records(items: list[Any], run: str) -> list[StepRecord]:
                 + ", ".join(sorted(_RECORD_FIELDS)),
             )
         step = d.get("step")
-        if type(step) is not int:
-            raise _bad(f"records[{i}].step", step, "an integer")
+        if type(step) is not int or not _INT64_MIN <= step <= _INT64_MAX:
+            raise _bad(f"records[{i}].step", step, "a 64-bit integer")
         if last is not None and step <= last:
             raise _bad(
                 f"records[{i}].step", step, f"a step after {last} (steps in a batch must increase)"
@@ -232,7 +237,7 @@ def _number(value: Any, path: str, *, optional: bool = True) -> Any:
     t = type(value)
     if t is float or (value is None and optional):
         return value
-    if t is int:
+    if t is int and -_FLOAT_MAX <= value <= _FLOAT_MAX:
         return float(value)
     raise _bad(
         path, value, "a number or null" if optional else "a number (NaN and Infinity allowed)"
@@ -240,16 +245,13 @@ def _number(value: Any, path: str, *, optional: bool = True) -> Any:
 
 
 def _integer(value: Any, path: str) -> int | None:
-    if value is None or type(value) is int:
+    if value is None or (type(value) is int and _INT64_MIN <= value <= _INT64_MAX):
         return value
     raise _bad(path, value, "an integer or null")
 
 
 def _optional_int(data: dict[str, Any], name: str) -> int | None:
-    value = data.get(name)
-    if value is None or type(value) is int:
-        return value
-    raise _bad(name, value, "an integer or null")
+    return _integer(data.get(name), name)
 
 
 def _optional_str(data: dict[str, Any], name: str) -> str | None:

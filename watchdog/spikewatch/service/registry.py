@@ -55,6 +55,7 @@ class RunRegistry:
         self.store, self.config, self.notifier, self.clock = store, config, notifier, clock
         self.lock = threading.RLock()
         self.runs: dict[str, ServiceRun] = {}
+        self.stale: set[str] = set()  # runs whose last write failed: reload before ingesting
         self.notify_failures = 0
         for stored in store.runs():
             self.runs[stored.run] = self._restore(stored)
@@ -75,26 +76,35 @@ class RunRegistry:
         """Observe a batch; persist it; return the response for the trainer."""
         notices: list[Notice] = []
         with self.lock:
-            run = self.runs.get(run_id)
-            if run is None:
-                run = self.runs[run_id] = ServiceRun(
-                    run_id, self.config.monitor, recent=self.config.recent_records
-                )
+            run = self._current(run_id)
             if self._is_retry(run, batch):
                 return self._response(run, 0, duplicate=True)
             try:
                 self._ingest(run, batch, body, notices)
             except Exception:
-                # The store did not take the batch: forget the in-memory changes too, so
-                # the client's retry is observed exactly once.
-                self.runs.pop(run_id, None)
-                stored = self.store.run(run_id)
-                if stored is not None:
-                    self.runs[run_id] = self._restore(stored)
+                # The store did not take the batch: the in-memory run is ahead of it now.
+                # Reload it before the client's retry, so that batch counts exactly once.
+                self.stale.add(run_id)
                 raise
             response = self._response(run, len(batch), duplicate=False)
         self._send(notices)
         return response
+
+    def _current(self, run_id: str) -> ServiceRun:
+        """The run to ingest into: reloaded from the store after a failed write."""
+        if run_id in self.stale:
+            stored = self.store.run(run_id)  # raises while the store is still down
+            self.stale.discard(run_id)
+            if stored is None:
+                self.runs.pop(run_id, None)
+            else:
+                self.runs[run_id] = self._restore(stored)
+        run = self.runs.get(run_id)
+        if run is None:
+            run = self.runs[run_id] = ServiceRun(
+                run_id, self.config.monitor, recent=self.config.recent_records
+            )
+        return run
 
     def _is_retry(self, run: ServiceRun, batch: IngestBatch) -> bool:
         return (
@@ -274,20 +284,26 @@ class RunRegistry:
     def statuses(self) -> list[RunStatus]:
         """Every run's status (copies)."""
         with self.lock:
-            return [
-                r.status(now=self.clock(), stall_after_s=self.config.stall_after_s)
-                for r in self.runs.values()
-            ]
+            for run_id in list(self.stale):
+                self._refresh(run_id)
+            stall = self.config.stall_after_s
+            return [r.status(now=self.clock(), stall_after_s=stall) for r in self.runs.values()]
 
     def status(self, run_id: str) -> RunStatus | None:
         """One run's status, or None for an unknown run."""
         with self.lock:
+            self._refresh(run_id)
             run = self.runs.get(run_id)
-            return (
-                None
-                if run is None
-                else run.status(now=self.clock(), stall_after_s=self.config.stall_after_s)
-            )
+            stall = self.config.stall_after_s
+            return None if run is None else run.status(now=self.clock(), stall_after_s=stall)
+
+    def _refresh(self, run_id: str) -> None:
+        if run_id not in self.stale:
+            return
+        try:
+            self._current(run_id)
+        except Exception:  # the store is still down: show what memory has
+            log.warning("spikewatch: cannot reload run %r from the event store yet", run_id)
 
     def commit_run(self, run: ServiceRun, *, commands: list[dict[str, Any]] = ()) -> None:  # type: ignore[assignment]
         """Persist a run's state and some commands (operator actions, jobs)."""

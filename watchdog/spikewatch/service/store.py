@@ -14,7 +14,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,8 +89,8 @@ class EventStore:
         (['r'], [{'step': 3, 'loss': 1.5}])
     """
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = str(path)
+    def __init__(self, path: str | Path, *, clock: Callable[[], float] = time.time) -> None:
+        self.path, self.clock = str(path), clock
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -131,7 +131,7 @@ class EventStore:
     # -- writes -------------------------------------------------------------------------
     def write(self, w: BatchWrite) -> None:
         """Apply one ingest request's changes atomically."""
-        now = time.time()
+        now = self.clock()
         with self._tx() as db:
             db.execute(
                 "INSERT INTO runs (run, created, updated, monitor, info) VALUES (?, ?, ?, ?, ?) "
@@ -204,13 +204,13 @@ class EventStore:
     def save_incident(self, incident: dict[str, Any]) -> None:
         """Insert or update one incident (scheduled jobs: stalls, sweeps)."""
         with self._tx() as db:
-            self._upsert_incident(db, incident, time.time())
+            self._upsert_incident(db, incident, self.clock())
 
     def save_commands(self, commands: list[dict[str, Any]]) -> None:
         """Insert or update commands (operator actions)."""
         with self._tx() as db:
             for cmd in commands:
-                self._upsert_command(db, cmd, time.time())
+                self._upsert_command(db, cmd, self.clock())
 
     def save_thread(self, key: str, ts: str) -> None:
         """Remember the Slack thread of an incident."""
@@ -303,7 +303,7 @@ class EventStore:
     def prune(self, *, keep_records: int, keep_snapshots: int, max_age_s: float) -> int:
         """Drop record batches beyond ``keep_records`` per run or older than ``max_age_s``,
         and all but the newest ``keep_snapshots`` snapshots; return batches dropped."""
-        cutoff = time.time() - max_age_s
+        cutoff = self.clock() - max_age_s
         dropped = 0
         with self._tx() as db:
             dropped += db.execute("DELETE FROM batches WHERE received < ?", (cutoff,)).rowcount

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 import ruptures
@@ -75,10 +76,17 @@ def find_level_shift(
     bkps = algo.predict(pen=penalty * sigma**2 * math.log(len(x)))
     if len(bkps) < 2:
         return None
-    start = bkps[-2]
-    prev_start = bkps[-3] if len(bkps) >= 3 else 0
-    before = float(np.median(x[prev_start:start]))
-    after = float(np.median(x[start:]))
+    # Medians of the segments; walk back over a staircase of rising segments to the
+    # level before it, so a rise in several steps counts in full.
+    bounds = [0, *bkps]
+    medians = [float(np.median(x[a:b])) for a, b in pairwise(bounds)]
+    first = len(medians) - 1
+    while first > 0 and medians[first - 1] < medians[first]:
+        first -= 1
+    if first == len(medians) - 1:
+        return None
+    start = bounds[first + 1]
+    before, after = medians[first], medians[-1]
     rise = after - before
     if rise <= elevated * sigma or rise <= min_rise * abs(before):
         return None
