@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
-import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +17,9 @@ from spikewatch.errors import ConfigError
 from spikewatch.http_transport import HttpTransport
 from spikewatch.monitor import Monitor
 from spikewatch.records import StepRecord
+from spikewatch.service.config import ServiceConfig
+from spikewatch.service.registry import RunRegistry
+from spikewatch.service.store import EventStore
 from spikewatch_hooks.demo.corpus import CharCorpus
 from spikewatch_hooks.demo.scenario import DemoSettings, load_corpus, train
 
@@ -67,11 +69,10 @@ def test_a_killed_service_loses_nothing_and_keeps_detector_state(tmp_path: Path)
     reference = Monitor(run="r")
     for r in records:
         reference.observe(r)
-    db = sqlite3.connect(tmp_path / "events.db")
-    (stored,) = db.execute("SELECT monitor FROM runs WHERE run = 'r'").fetchone()
-    assert json.loads(stored) == json.loads(json.dumps(reference.state_dict()))
-    rows = db.execute("SELECT id, kind, onset_step FROM incidents ORDER BY onset_step").fetchall()
-    assert rows == [(i.id, i.kind, i.onset_step) for i in reference.incidents]
+    restarted = RunRegistry(EventStore(tmp_path / "events.db"), ServiceConfig())  # a third start
+    monitor = restarted.runs["r"].monitor
+    assert json.dumps(monitor.state_dict()) == json.dumps(reference.state_dict())
+    assert [i.to_json() for i in monitor.incidents] == [i.to_json() for i in reference.incidents]
     assert t.dropped == 0 and t.rejected == 0
 
 

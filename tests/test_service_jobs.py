@@ -205,7 +205,7 @@ def test_the_digest_is_one_message_covering_every_run(
 def test_retention_keeps_the_newest_records_of_each_run(
     make_service: Callable[..., Service],
 ) -> None:
-    service = make_service(keep_records=250, keep_snapshots=2)
+    service = make_service(keep_records=250, keep_snapshots=2, state_every_s=0.0)
     feed(service.registry, "long", HEALTHY, 0, 1000)
     feed(service.registry, "short", HEALTHY, 0, 200)
     assert jobs.retention(service.registry) == 7  # whole batches: 300 of "long" stay

@@ -31,7 +31,8 @@ def _records(start: int, n: int, seed: int = 0) -> list[StepRecord]:
 
 
 def _body(records: list[StepRecord]) -> bytes:
-    return json.dumps({"records": [{"step": r.step, "loss": r.loss} for r in records]}).encode()
+    rows = [{"step": r.step, "loss": r.loss, "grad_norm": r.grad_norm} for r in records]
+    return json.dumps({"records": rows}).encode()
 
 
 def _feed(reg: RunRegistry, records: list[StepRecord], size: int = 100) -> None:
@@ -84,7 +85,7 @@ def test_a_failed_write_leaves_no_trace_and_the_retry_counts_once(
 
 def test_retention_keeps_the_newest_records_and_snapshots(tmp_path: Path) -> None:
     store = EventStore(tmp_path / "events.db")
-    reg = RunRegistry(store, ServiceConfig(snapshot_every=100))
+    reg = RunRegistry(store, ServiceConfig(snapshot_every=100, state_every_s=0.0))
     _feed(reg, _records(0, 2000))
     dropped = store.prune(keep_records=500, keep_snapshots=3, max_age_s=3600.0)
     assert dropped == 15  # 20 batches of 100; the newest 5 hold the 500 kept
@@ -98,7 +99,7 @@ def test_retention_keeps_the_newest_records_and_snapshots(tmp_path: Path) -> Non
 
 def test_a_rewind_restores_the_snapshot_before_the_step(tmp_path: Path) -> None:
     store = EventStore(tmp_path / "events.db")
-    reg = RunRegistry(store, ServiceConfig(snapshot_every=100))
+    reg = RunRegistry(store, ServiceConfig(snapshot_every=100, state_every_s=0.0))
     records = _records(0, 700)
     _feed(reg, records)
     state_at_399 = store.snapshot_before("r", 400)
@@ -113,3 +114,18 @@ def test_a_rewind_restores_the_snapshot_before_the_step(tmp_path: Path) -> None:
     run = reg.runs["r"]
     assert run.monitor.detector_state() == reference.detector_state()
     assert run.counts["skipped_batches"] == 300  # steps 400-699 were thrown away
+
+
+def test_retention_never_drops_batches_the_saved_state_lacks(tmp_path: Path) -> None:
+    frozen = [0.0]  # time stands still: the state is saved with the first batch only
+    store = EventStore(tmp_path / "events.db", clock=lambda: frozen[0])
+    reg = RunRegistry(store, ServiceConfig(state_every_s=3600.0), clock=lambda: frozen[0])
+    records = _records(0, 1000)
+    _feed(reg, records)
+    frozen[0] = 10.0
+    assert store.prune(keep_records=100, keep_snapshots=1, max_age_s=0.001) == 1  # the first
+    restarted = RunRegistry(EventStore(tmp_path / "events.db"), ServiceConfig())
+    reference = Monitor(run="r")
+    for r in records:
+        reference.observe(r)
+    assert restarted.runs["r"].monitor.state_dict() == reference.state_dict()

@@ -50,7 +50,12 @@ class ServiceConfig:
         sweep_records: records per run the change-point sweep looks at.
         keep_records: records kept per run (older batches are pruned).
         max_record_age_s: records older than this are pruned.
-        snapshot_every: steps between detector snapshots (what a rollback rewinds to).
+        state_every_s: the longest a run's monitor state goes unsaved. Every batch is
+            stored at once; the state only this often (and at once when a batch caused a
+            decision, a command or a rewind), since encoding it costs more than the
+            detectors. A restart replays the batches stored after the saved state.
+        snapshot_every: steps between detector snapshots (what a rollback rewinds to;
+            taken when the state is saved).
         keep_snapshots: detector snapshots kept per run.
         recent_records: records per run kept in memory for charts.
         monitor: detection and policy settings, as for the embedded monitor.
@@ -72,6 +77,7 @@ class ServiceConfig:
     sweep_records: int = 2000
     keep_records: int = 20_000
     max_record_age_s: float = 7 * 24 * 3600.0
+    state_every_s: float = 1.0
     snapshot_every: int = 100
     keep_snapshots: int = 32
     recent_records: int = 4096
@@ -97,6 +103,7 @@ class ServiceConfig:
             check_float(name, getattr(self, name), minimum=0.0, inclusive=False)
         check_float("digest_interval_s", self.digest_interval_s, minimum=0.0)
         check_float("max_record_age_s", self.max_record_age_s, minimum=0.0, inclusive=False)
+        check_float("state_every_s", self.state_every_s, minimum=0.0)
         for name in (
             "sweep_records",
             "keep_records",

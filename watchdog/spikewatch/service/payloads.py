@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any
 
+import orjson
+
 from spikewatch.errors import WireFormatError
 from spikewatch.records import StepRecord
 
@@ -99,9 +101,24 @@ def check_run_id(run: str) -> str:
 
 
 def parse_json(body: bytes) -> Any:
-    """Parse a request body, or raise `PayloadError` saying where it breaks."""
+    """Parse a request body, or raise `PayloadError` saying where it breaks.
+
+    orjson parses about four times faster than `json`, but refuses the ``NaN`` and
+    ``Infinity`` literals that non-finite losses travel as; a body holding either (rare:
+    a diverged run) takes the standard library's parser.
+
+    Example:
+        >>> parse_json(b'{"loss": NaN, "step": 3}')
+        {'loss': nan, 'step': 3}
+        >>> parse_json(b'{"loss": 1.5')  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        spikewatch.service.payloads.PayloadError: body is not valid JSON (...): send a JSON object
+    """
     try:
-        return json.loads(body)
+        if b"NaN" in body or b"Infinity" in body:
+            return json.loads(body)
+        return orjson.loads(body)
     except (ValueError, RecursionError) as exc:  # bad JSON, >4300-digit ints, deep nesting
         raise PayloadError(
             "body", f"body is not valid JSON ({exc}): send a JSON object", status=400

@@ -13,14 +13,14 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from spikewatch.incidents import Incident
 from spikewatch.records import ACTION_SEVERITY, Command, Decision
 from spikewatch.service.config import ServiceConfig
 from spikewatch.service.notify import Notice, Notifier, follow_up_notice, incident_notice
-from spikewatch.service.payloads import IngestBatch
+from spikewatch.service.payloads import IngestBatch, parse_ingest, parse_json
 from spikewatch.service.run import ServiceRun
 from spikewatch.service.status import RunStatus
 from spikewatch.service.store import BatchWrite, EventStore, StoredRun
@@ -61,6 +61,15 @@ class RunRegistry:
             self.runs[stored.run] = self._restore(stored)
 
     def _restore(self, stored: StoredRun) -> ServiceRun:
+        """Rebuild a run from its stored state, then replay the batches stored after it
+        (the state is saved at most every ``state_every_s``; the batches at once)."""
+        run = self._restore_saved(stored)
+        for body in self.store.batches_after(stored.run, stored.state_batch):
+            batch = parse_ingest(parse_json(body), stored.run, max_records=len(body))
+            run.monitor.observe_columns(batch.steps, batch.loss, batch.grad_norm)
+        return run
+
+    def _restore_saved(self, stored: StoredRun) -> ServiceRun:
         run_id, keep = stored.run, self.config.recent_records
         return ServiceRun.restore(
             stored,
@@ -119,7 +128,7 @@ class RunRegistry:
         self, run: ServiceRun, batch: IngestBatch, body: bytes, notices: list[Notice]
     ) -> None:
         now = self.clock()
-        write = BatchWrite(run=run.run, monitor="", info={})
+        write = BatchWrite(run=run.run, monitor=None, info={})
         write.commands += self._apply_acks(run, batch.acks, notices)
         steps = batch.steps
         last = run.monitor.last_step
@@ -141,8 +150,13 @@ class RunRegistry:
             if was_stalled and run.stall_incident:
                 write.incidents.append(self._close_stall(run, notices))
             self._watch_recovery(run, decisions, notices)
-        write.snapshot_step = run.due_snapshot(self.config.snapshot_every)
-        write.monitor, write.info = run.monitor_json(), run.info()
+        eventful = bool(write.commands or write.decisions) or rewind_to is not None
+        saved = run.state_saved_at
+        if eventful or saved is None or now - saved >= self.config.state_every_s:
+            write.snapshot_step = run.due_snapshot(self.config.snapshot_every)
+            write.monitor = run.monitor_json()
+            run.state_saved_at = now
+        write.info = run.info()
         self.store.write(write)
 
     def _close_stall(self, run: ServiceRun, notices: list[Notice]) -> dict[str, Any]:
@@ -305,8 +319,9 @@ class RunRegistry:
         except Exception:  # the store is still down: show what memory has
             log.warning("spikewatch: cannot reload run %r from the event store yet", run_id)
 
-    def commit_run(self, run: ServiceRun, *, commands: list[dict[str, Any]] = ()) -> None:  # type: ignore[assignment]
+    def commit_run(self, run: ServiceRun, *, commands: Sequence[dict[str, Any]] = ()) -> None:
         """Persist a run's state and some commands (operator actions, jobs)."""
+        run.state_saved_at = self.clock()
         write = BatchWrite(
             run=run.run, monitor=run.monitor_json(), info=run.info(), commands=list(commands)
         )

@@ -50,6 +50,7 @@ class ServiceRun:
         self.commands: dict[str, dict[str, Any]] = {}
         self.recent: deque[tuple[int, float]] = deque(maxlen=recent)
         self.last_snapshot_step: int | None = None
+        self.state_saved_at: float | None = None  # when the monitor state was last stored
         self.recovery: dict[str, Any] | None = None  # a rollback being watched for recovery
         self.swept_step: int | None = None
         self.stall_incident: str | None = None  # the open stall incident, if any

@@ -26,7 +26,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS runs (
     run TEXT PRIMARY KEY, created REAL NOT NULL, updated REAL NOT NULL,
-    monitor TEXT NOT NULL, info TEXT NOT NULL);
+    monitor TEXT NOT NULL, info TEXT NOT NULL, state_batch INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS batches (
     id INTEGER PRIMARY KEY, run TEXT NOT NULL, first_step INTEGER NOT NULL,
     last_step INTEGER NOT NULL, count INTEGER NOT NULL, received REAL NOT NULL, body BLOB NOT NULL);
@@ -57,6 +57,7 @@ class StoredRun:
     created: float
     monitor: dict[str, Any]
     info: dict[str, Any]
+    state_batch: int = 0
 
 
 @dataclass(slots=True)
@@ -64,7 +65,7 @@ class BatchWrite:
     """Everything one ingest request changes, written in one transaction."""
 
     run: str
-    monitor: str
+    monitor: str | None
     info: dict[str, Any]
     body: bytes | None = None
     first_step: int = 0
@@ -133,18 +134,13 @@ class EventStore:
         """Apply one ingest request's changes atomically."""
         now = self.clock()
         with self._tx() as db:
-            db.execute(
-                "INSERT INTO runs (run, created, updated, monitor, info) VALUES (?, ?, ?, ?, ?) "
-                "ON CONFLICT (run) DO UPDATE SET updated=excluded.updated, "
-                "monitor=excluded.monitor, info=excluded.info",
-                (w.run, now, now, w.monitor, json.dumps(w.info)),
-            )
             if w.body is not None:
                 db.execute(
                     "INSERT INTO batches (run, first_step, last_step, count, received, body) "
                     "VALUES (?, ?, ?, ?, ?, ?)",
                     (w.run, w.first_step, w.last_step, w.count, now, w.body),
                 )
+            self._write_run(db, w, now)
             if w.drop_snapshots_from is not None:  # states of a branch the trainer abandoned
                 db.execute(
                     "DELETE FROM snapshots WHERE run = ? AND step >= ?",
@@ -167,6 +163,25 @@ class EventStore:
             )
             for cmd in w.commands:
                 self._upsert_command(db, cmd, now)
+
+    @staticmethod
+    def _write_run(db: sqlite3.Connection, w: BatchWrite, now: float) -> None:
+        """The run's bookkeeping, and its monitor state when the write carries one.
+
+        ``state_batch`` is the newest batch the stored monitor state includes; batches
+        after it are replayed on a restart (see `RunRegistry`).
+        """
+        info = json.dumps(w.info)
+        if w.monitor is None:
+            db.execute("UPDATE runs SET updated = ?, info = ? WHERE run = ?", (now, info, w.run))
+            return
+        db.execute(
+            "INSERT INTO runs (run, created, updated, monitor, info, state_batch) "
+            "VALUES (?, ?, ?, ?, ?, (SELECT COALESCE(MAX(id), 0) FROM batches WHERE run = ?)) "
+            "ON CONFLICT (run) DO UPDATE SET updated=excluded.updated, monitor=excluded.monitor, "
+            "info=excluded.info, state_batch=excluded.state_batch",
+            (w.run, now, now, w.monitor, info, w.run),
+        )
 
     @staticmethod
     def _upsert_incident(db: sqlite3.Connection, inc: dict[str, Any], now: float) -> None:
@@ -222,21 +237,27 @@ class EventStore:
         """Every run with its persisted monitor state and bookkeeping."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT run, created, monitor, info FROM runs ORDER BY run"
+                "SELECT run, created, monitor, info, state_batch FROM runs ORDER BY run"
             ).fetchall()
-        return [StoredRun(r, c, json.loads(m), json.loads(i)) for r, c, m, i in rows]
+        return [StoredRun(r, c, json.loads(m), json.loads(i), b) for r, c, m, i, b in rows]
 
     def run(self, run: str) -> StoredRun | None:
         """One run as persisted, or None."""
         with self._lock:
             row = self._db.execute(
-                "SELECT run, created, monitor, info FROM runs WHERE run = ?", (run,)
+                "SELECT run, created, monitor, info, state_batch FROM runs WHERE run = ?", (run,)
             ).fetchone()
-        return (
-            None
-            if row is None
-            else StoredRun(row[0], row[1], json.loads(row[2]), json.loads(row[3]))
-        )
+        if row is None:
+            return None
+        return StoredRun(row[0], row[1], json.loads(row[2]), json.loads(row[3]), row[4])
+
+    def batches_after(self, run: str, batch_id: int) -> list[bytes]:
+        """Request bodies of ``run`` stored after batch ``batch_id``, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT body FROM batches WHERE run = ? AND id > ? ORDER BY id", (run, batch_id)
+            ).fetchall()
+        return [bytes(b) for (b,) in rows]
 
     def incidents(self, run: str) -> list[dict[str, Any]]:
         """A run's incidents, oldest first."""
@@ -306,7 +327,11 @@ class EventStore:
         cutoff = self.clock() - max_age_s
         dropped = 0
         with self._tx() as db:
-            dropped += db.execute("DELETE FROM batches WHERE received < ?", (cutoff,)).rowcount
+            dropped += db.execute(
+                "DELETE FROM batches WHERE received < ? AND id <= "
+                "(SELECT state_batch FROM runs WHERE runs.run = batches.run)",
+                (cutoff,),
+            ).rowcount
             for (run,) in db.execute("SELECT run FROM runs").fetchall():
                 dropped += _prune_run(db, run, keep_records, keep_snapshots)
         return dropped
@@ -322,9 +347,11 @@ def _prune_run(db: sqlite3.Connection, run: str, keep_records: int, keep_snapsho
             boundary = batch_id
             break
     dropped = 0
-    if boundary is not None:
+    if boundary is not None:  # never a batch the stored monitor state does not include yet
         dropped = db.execute(
-            "DELETE FROM batches WHERE run = ? AND id < ?", (run, boundary)
+            "DELETE FROM batches WHERE run = ? AND id < ? AND id <= "
+            "(SELECT state_batch FROM runs WHERE run = ?)",
+            (run, boundary, run),
         ).rowcount
     db.execute(
         "DELETE FROM snapshots WHERE run = ? AND step NOT IN "
