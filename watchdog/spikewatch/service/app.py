@@ -11,15 +11,17 @@ import hmac
 import json
 import logging
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Route
 
 from spikewatch import __version__
 from spikewatch.service.core import Service
@@ -42,6 +44,8 @@ _RECORD_SCHEMA = {
     },
     "additionalProperties": False,
 }
+INGEST_PATH = "/v1/runs/{run}/records"
+
 _INGEST_BODY = {
     "required": True,
     "content": {
@@ -60,6 +64,27 @@ _INGEST_BODY = {
                 "additionalProperties": False,
             }
         }
+    },
+}
+
+
+_INGEST_OPERATION = {
+    "summary": "Ingest a batch of step records; returns the commands pending for the run",
+    "operationId": "ingest_records",
+    "parameters": [{"name": "run", "in": "path", "required": True, "schema": {"type": "string"}}],
+    "requestBody": _INGEST_BODY,
+    "security": [{"HTTPBearer": []}],
+    "responses": {
+        "200": {
+            "description": "accepted; the commands pending for the run",
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/IngestOut"}}},
+        },
+        "400": {"description": "the body is not JSON"},
+        "401": {"description": "no bearer token"},
+        "403": {"description": "wrong token"},
+        "413": {"description": "the body is too large"},
+        "422": {"description": "a field is invalid; the message names it"},
+        "503": {"description": "the event store is unavailable; retry"},
     },
 }
 
@@ -97,23 +122,51 @@ _BEARER = HTTPBearer(auto_error=False, description="the service token (SPIKEWATC
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]
 
 
-def _authoriser(service: Service) -> Callable[[Credentials], None]:
-    """The dependency of every write and command route: 401 without a token, 403 wrong."""
+def _token_checker(service: Service) -> Callable[[str | None], None]:
+    """401 without a bearer token, 403 with a wrong one (compared in constant time)."""
 
-    def authorised(credentials: Credentials) -> None:
-        given = "" if credentials is None else credentials.credentials
-        if not given:
+    def check(header: str | None) -> None:
+        scheme, _, given = (header or "").partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
             service.ingest_counts["unauthorized"] += 1
             raise HTTPException(
                 401,
                 "missing bearer token: send Authorization: Bearer <token>",
                 {"WWW-Authenticate": "Bearer"},
             )
-        if not hmac.compare_digest(given.encode(), service.token.encode()):
+        if not hmac.compare_digest(given.strip().encode(), service.token.encode()):
             service.ingest_counts["unauthorized"] += 1
             raise HTTPException(403, "wrong token: use the token the service was started with")
 
+    return check
+
+
+def _authoriser(service: Service) -> Callable[[Credentials], Awaitable[None]]:
+    """The dependency of the FastAPI write routes (declares the bearer scheme in OpenAPI)."""
+    check = _token_checker(service)
+
+    async def authorised(credentials: Credentials) -> None:
+        check(None if credentials is None else f"Bearer {credentials.credentials}")
+
     return authorised
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema plus the ingest route (a plain Starlette route, see `create_app`)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+        schema.setdefault("components", {}).setdefault("securitySchemes", {})["HTTPBearer"] = {
+            "type": "http",
+            "scheme": "bearer",
+        }
+        schema["components"].setdefault("schemas", {})["IngestOut"] = IngestOut.model_json_schema(
+            ref_template="#/components/schemas/{model}"
+        )
+        schema["paths"][INGEST_PATH] = {"post": _INGEST_OPERATION}
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -177,20 +230,22 @@ def create_app(service: Service) -> FastAPI:
     _install_error_handlers(app, service)
     authorised = _authoriser(service)
 
-    @app.post(
-        "/v1/runs/{run}/records",
-        dependencies=[Depends(authorised)],
-        openapi_extra={"requestBody": _INGEST_BODY},
-        responses={200: {"model": IngestOut}},
-        summary="Ingest a batch of step records; returns the commands pending for the run",
-    )
-    async def ingest(run: str, request: Request) -> Response:
-        check_run_id(run)
+    # Ingest is the hot path: a plain Starlette route, without FastAPI's per-request
+    # dependency solving and validation machinery (it checks its own body). Its schema
+    # is added to the OpenAPI document by `_openapi`.
+    check_token = _token_checker(service)
+
+    async def ingest(request: Request) -> Response:
+        check_token(request.headers.get("authorization"))
+        run = check_run_id(request.path_params["run"])
         body = await _read_body(request, service.config.max_body_bytes)
         batch = parse_ingest(parse_json(body), run, max_records=service.config.max_records)
         response = service.registry.ingest(run, batch, body)
         service.ingest_counts["accepted"] += 1
         return _json(response)
+
+    app.router.routes.append(Route(INGEST_PATH, ingest, methods=["POST"]))
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
 
     @app.get("/v1/runs", summary="Every run's status")
     def runs() -> Response:

@@ -9,9 +9,9 @@ Infinity are valid losses (Python's JSON literals); a string, a bool or a missin
 from __future__ import annotations
 
 import json
+import operator
 import re
 from dataclasses import dataclass, field
-from itertools import pairwise
 from typing import Any
 
 import orjson
@@ -172,19 +172,20 @@ Columns = tuple[list[int], list[float], list[float | None], list[float | None]]
 def _columns(items: list[Any], run: str) -> Columns:
     """Type-check whole columns at once (a few list passes); on any doubt, fall back to
     the record-by-record check, which finds the first bad field and says what it is."""
-    if all(type(d) is dict and d.keys() <= _RECORD_FIELDS for d in items):
+    # map() with C callables keeps each pass out of the interpreter loop.
+    if set(map(type, items)) <= _DICT and all(map(_RECORD_FIELDS.issuperset, items)):
         steps = [d.get("step") for d in items]
         loss = [d.get("loss") for d in items]
         grad = [d.get("grad_norm") for d in items]
         lr = [d.get("lr") for d in items]
         if (
-            all(type(s) is int for s in steps)
+            set(map(type, steps)) <= _INT
             and (not steps or (steps[0] >= _INT64_MIN and steps[-1] <= _INT64_MAX))
-            and all(a < b for a, b in pairwise(steps))
-            and all(type(x) is float for x in loss)
-            and all(x is None or type(x) is float for x in grad)
-            and all(x is None or type(x) is float for x in lr)
-            and all(d.keys() <= _FAST_FIELDS or _extras_ok(d, run) for d in items)
+            and all(map(operator.lt, steps, steps[1:]))
+            and set(map(type, loss)) <= _FLOAT
+            and set(map(type, grad)) <= _FLOAT_OR_NONE
+            and set(map(type, lr)) <= _FLOAT_OR_NONE
+            and (all(map(_FAST_FIELDS.issuperset, items)) or all(_extras_ok(d, run) for d in items))
         ):
             return steps, loss, grad, lr
     records = _records(items, run)
@@ -197,6 +198,8 @@ def _columns(items: list[Any], run: str) -> Columns:
 
 
 _FAST_FIELDS = frozenset(("step", "loss", "grad_norm", "lr"))
+_DICT, _INT, _FLOAT = frozenset((dict,)), frozenset((int,)), frozenset((float,))
+_FLOAT_OR_NONE = frozenset((float, type(None)))
 
 
 def _extras_ok(d: dict[str, Any], run: str) -> bool:
