@@ -206,6 +206,12 @@ class GuardEngine:
             return
         log.error("spikewatch halted run %r at step %d: %s", self.run_id, self.step_count, reason)
 
+    def flush(self, timeout: float = 10.0) -> None:
+        """Deliver the records still queued for a monitor service (no-op when embedded)."""
+        flush = getattr(self.transport, "flush", None)
+        if flush is not None and not flush(timeout):
+            log.warning("spikewatch: records still queued for the monitor after %g s", timeout)
+
     # -- state --------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
         """Counters for ``guard.stats``."""

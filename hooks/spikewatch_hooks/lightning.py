@@ -223,6 +223,8 @@ class SpikewatchCallback(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Give the trainer its own ``max_steps`` back (a later ``fit`` starts from it)."""
+        if self.engine is not None:
+            self.engine.flush()
         if self._max_steps >= 0:
             trainer.fit_loop.epoch_loop.max_steps = self._max_steps
 
