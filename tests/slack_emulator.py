@@ -217,8 +217,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._fail(fault)
             return
         if method == "webhook":
-            ok = bool(payload.get("text") or payload.get("blocks"))
-            self._reply(200 if ok else 400, b"ok" if ok else b"no_text", "text/html")
+            # Slack takes a webhook post with text, blocks or (legacy, Alertmanager's) attachments.
+            ok = bool(payload.get("text") or payload.get("blocks") or payload.get("attachments"))
+            call.status = 200 if ok else 400
+            self._reply(call.status, b"ok" if ok else b"no_text", "text/html")
         elif method == "upload":
             self._upload(path.path.rsplit("/", 1)[-1], body)
         else:
