@@ -144,3 +144,25 @@ def test_a_guarded_run_recovers_through_the_service(tmp_path: Path, corpus: Char
     assert run["rollbacks"] >= 1 and run["skipped_batches"] > 0
     [(start, stop)] = guarded.stats["skip_ledger"]
     assert start <= SMALL.poison_start and stop >= SMALL.poison_start + SMALL.poison_batches
+
+
+def test_closing_the_transport_finishes_the_run_and_new_records_resume_it(tmp_path: Path) -> None:
+    records = _curve(300)
+    fast_stall_check = "[service]\nstall_after_s = 0.5\nstall_check_interval_s = 0.2\n"
+    with ServiceProcess(tmp_path, config=fast_stall_check) as svc:
+        t = HttpTransport(svc.url, run="r", token=TOKEN, batch_size=100, flush_interval_s=0.02)
+        t.submit(records[:200])
+        t.close()
+        assert svc.get("/v1/runs/r")[1]["state"] == "finished"
+        _wait(lambda: _job_runs(svc, "stall_check") >= 5)  # stall checks ran past stall_after_s
+        assert svc.get("/v1/runs/r")[1]["state"] == "finished"  # never taken for a stall
+        again = HttpTransport(svc.url, run="r", token=TOKEN, batch_size=100, flush_interval_s=0.02)
+        again.submit(records[200:])
+        assert again.flush(timeout=20)
+        assert svc.get("/v1/runs/r")[1]["state"] == "active"
+        again.close()
+
+
+def _job_runs(svc: ServiceProcess, job: str) -> int:
+    _, health = svc.get("/healthz")
+    return int(next(j["runs"] for j in health["jobs"] if j["job"] == job))

@@ -139,7 +139,7 @@ def test_every_signal_kind_is_present_from_the_first_scrape() -> None:
 def test_run_state_is_one_hot(state: str) -> None:
     c = collector_for(run_status(state=state))
     got = {s: value(c, "spikewatch_run_state", run="r1", state=s) for s in RUN_STATES}
-    assert got == {s: float(s == state) for s in ("active", "stalled", "halted")}
+    assert got == {s: float(s == state) for s in ("active", "stalled", "halted", "finished")}
 
 
 def test_service_metrics() -> None:

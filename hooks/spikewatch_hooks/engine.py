@@ -206,10 +206,11 @@ class GuardEngine:
             return
         log.error("spikewatch halted run %r at step %d: %s", self.run_id, self.step_count, reason)
 
-    def flush(self, timeout: float = 10.0) -> None:
-        """Deliver the records still queued for a monitor service (no-op when embedded)."""
-        flush = getattr(self.transport, "flush", None)
-        if flush is not None and not flush(timeout):
+    def finish(self, timeout: float = 10.0) -> None:
+        """Training ended: deliver the records still queued for a monitor service and tell
+        it the run finished, so it is not taken for a stall (no-op when embedded)."""
+        finish = getattr(self.transport, "finish", None)
+        if finish is not None and not finish(timeout):
             log.warning("spikewatch: records still queued for the monitor after %g s", timeout)
 
     # -- state --------------------------------------------------------------------------

@@ -213,7 +213,7 @@ class SpikewatchCallback(TrainerCallback):
     ) -> None:
         """Say so when the data ran out before the surviving branch was complete."""
         engine = self.engine
-        engine.flush()
+        engine.finish()
         short = self._target - engine.step_count
         if short > 0 and not engine.halted:
             log.warning(

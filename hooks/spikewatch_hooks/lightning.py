@@ -224,7 +224,7 @@ class SpikewatchCallback(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Give the trainer its own ``max_steps`` back (a later ``fit`` starts from it)."""
         if self.engine is not None:
-            self.engine.flush()
+            self.engine.finish()
         if self._max_steps >= 0:
             trainer.fit_loop.epoch_loop.max_steps = self._max_steps
 

@@ -20,7 +20,7 @@ import time
 import urllib.parse
 import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +43,7 @@ class _Batch:
     records: list[StepRecord]
     rewind: bool
     acks: list[str] = field(default_factory=list)
+    finished: bool = False
 
 
 class HttpTransport:
@@ -112,6 +113,7 @@ class HttpTransport:
         self._conn: http.client.HTTPConnection | None = None
         self.sent = self.dropped = self.failures = self.rejected = 0
         self._stop = False
+        self._finishing = self._finish_sent = False
         self._thread = threading.Thread(target=self._run, name="spikewatch-http", daemon=True)
         self._thread.start()
         atexit.register(self.close, timeout=2.0)
@@ -126,6 +128,8 @@ class HttpTransport:
                 records = records[:room]
             self._queue.extend(records)
             self._queued += len(records)
+            if records:  # records after a finish: the run goes on
+                self._finishing = self._finish_sent = False
             full = self._queued >= self.batch_size
             out = []
             while self._decisions:
@@ -160,20 +164,29 @@ class HttpTransport:
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every queued record was delivered; False if ``timeout`` passed first."""
+        return self._wait(lambda: self._queued == 0, timeout)
+
+    def finish(self, timeout: float = 10.0) -> bool:
+        """Deliver what is queued and tell the service the run ended (so it is not taken
+        for a stall); False if ``timeout`` passed first. Records after it resume the run."""
+        self._finishing = True
+        return self._wait(lambda: self._queued == 0 and self._finish_sent, timeout)
+
+    def _wait(self, done: Callable[[], bool], timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self._lock:
-                if not self._queue:
+                if done():
                     return True
             self._wake.set()
             time.sleep(0.01)
         return False
 
     def close(self, timeout: float = 5.0) -> None:
-        """Deliver what is queued (up to ``timeout``), then stop the sender."""
+        """Deliver what is queued and finish the run (up to ``timeout``); stop the sender."""
         if self._stop:
             return
-        self.flush(timeout)
+        self.finish(timeout)
         self._stop = True
         self._wake.set()
         self._thread.join(timeout=max(timeout, 0.1))
@@ -213,10 +226,11 @@ class HttpTransport:
                 records.append(item)
             if not records and self._queue:
                 rewind = False  # a lone marker waits for the records that follow it
-        if not records and not acks:
+            finished = self._finishing and not self._finish_sent and len(records) == self._queued
+        if not records and not acks and not finished:
             return None
         self._seq += 1
-        return _Batch(self._seq, records, rewind, acks)
+        return _Batch(self._seq, records, rewind, acks, finished)
 
     def _commit(self, batch: _Batch) -> None:
         """Drop a delivered batch's records from the queue (new ones were appended behind)."""
@@ -228,6 +242,8 @@ class HttpTransport:
                     item = self._queue.popleft()
             self._queued -= n
             self.sent += n
+            if batch.finished and self._finishing:
+                self._finish_sent = True
 
     def _body(self, batch: _Batch) -> bytes:
         data: dict[str, Any] = {
@@ -239,6 +255,8 @@ class HttpTransport:
         }
         if batch.rewind and batch.records:
             data["rewind_to"] = batch.records[0].step
+        if batch.finished:
+            data["finished"] = True
         return json.dumps(data).encode()
 
     def _send(self, batch: _Batch) -> bool:

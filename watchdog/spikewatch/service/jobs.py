@@ -30,7 +30,7 @@ def check_stalls(registry: RunRegistry) -> int:
     with registry.lock:
         for run in registry.runs.values():
             last = run.last_record_time
-            if run.halted or run.stalled or last is None or now - last <= cfg.stall_after_s:
+            if run.state != "active" or last is None or now - last <= cfg.stall_after_s:
                 continue
             run.stalled = True
             step = run.monitor.last_step or 0

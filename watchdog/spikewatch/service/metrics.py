@@ -23,6 +23,7 @@ Example:
     spikewatch_run_state{run="r1",state="active"} 0.0
     spikewatch_run_state{run="r1",state="stalled"} 0.0
     spikewatch_run_state{run="r1",state="halted"} 1.0
+    spikewatch_run_state{run="r1",state="finished"} 0.0
     spikewatch_signals_total{kind="nonfinite",run="r1"} 0.0
     spikewatch_signals_total{kind="spike",run="r1"} 2.0
     spikewatch_signals_total{kind="level_shift",run="r1"} 0.0

@@ -27,7 +27,7 @@ _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _FLOAT_MAX = 2**1023 * (2 - 2**-52)  # the largest finite float, as an exact int
 
 _RECORD_FIELDS = frozenset(("run", "step", "loss", "grad_norm", "lr", "data_position", "wall_time"))
-_BATCH_FIELDS = frozenset(("records", "seq", "client", "acks", "rewind_to", "dropped"))
+_BATCH_FIELDS = frozenset(("records", "seq", "client", "acks", "rewind_to", "dropped", "finished"))
 
 
 class PayloadError(WireFormatError):
@@ -57,6 +57,7 @@ class IngestBatch:
         acks: ids of commands the trainer has applied.
         rewind_to: the trainer rolled back and continues from this step.
         dropped: records the client dropped so far (its queue was full).
+        finished: the trainer ended the run (after these records): not a stall.
     """
 
     steps: list[int]
@@ -68,6 +69,7 @@ class IngestBatch:
     acks: list[str] = field(default_factory=list)
     rewind_to: int | None = None
     dropped: int = 0
+    finished: bool = False
 
     @classmethod
     def of(cls, records: list[StepRecord], **extra: Any) -> IngestBatch:
@@ -163,7 +165,15 @@ def parse_ingest(data: object, run: str, *, max_records: int) -> IngestBatch:
         acks=_acks(data.get("acks", [])),
         rewind_to=_optional_int(data, "rewind_to"),
         dropped=_optional_int(data, "dropped") or 0,
+        finished=_flag(data, "finished"),
     )
+
+
+def _flag(data: dict[str, Any], name: str) -> bool:
+    value = data.get(name, False)
+    if type(value) is not bool:
+        raise _bad(name, value, "true or false")
+    return value
 
 
 Columns = tuple[list[int], list[float], list[float | None], list[float | None]]

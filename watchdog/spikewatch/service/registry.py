@@ -139,6 +139,8 @@ class RunRegistry:
             self._rewind(run, rewind_to, write)
         run.client, run.seq = batch.client, batch.seq
         run.client_dropped = max(run.client_dropped, batch.dropped)
+        if steps or batch.finished:
+            run.finished = batch.finished  # records after a finish: the run goes on
         if steps:
             was_stalled = run.stalled
             decisions = run.observe(batch, now=now)

@@ -38,6 +38,7 @@ class ServiceRun:
         self.monitor = Monitor(run=run, config=config)
         self.halted = False
         self.stalled = False
+        self.finished = False
         self.last_record_time: float | None = None
         self.loss: float | None = None
         self.grad_norm: float | None = None
@@ -97,9 +98,11 @@ class ServiceRun:
     # -- views --------------------------------------------------------------------------
     @property
     def state(self) -> RunState:
-        """``halted`` beats ``stalled`` beats ``active``."""
+        """``halted`` beats ``finished`` beats ``stalled`` beats ``active``."""
         if self.halted:
             return "halted"
+        if self.finished:
+            return "finished"
         return "stalled" if self.stalled else "active"
 
     def status(self, *, now: float, stall_after_s: float) -> RunStatus:
@@ -138,6 +141,7 @@ class ServiceRun:
         return {
             "halted": self.halted,
             "stalled": self.stalled,
+            "finished": self.finished,
             "last_record_time": self.last_record_time,
             "latest": [self.loss, self.grad_norm, self.lr],
             "signals": dict(self.signals),
@@ -170,6 +174,7 @@ class ServiceRun:
         run.monitor.restore_incidents([Incident(**i) for i in incidents])
         info = stored.info
         run.halted, run.stalled = bool(info["halted"]), bool(info["stalled"])
+        run.finished = bool(info["finished"])
         run.last_record_time = info["last_record_time"]
         run.loss, run.grad_norm, run.lr = info["latest"]
         run.signals, run.counts = Counter(info["signals"]), Counter(info["counts"])

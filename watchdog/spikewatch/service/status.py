@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-RunState = Literal["active", "stalled", "halted"]
+RunState = Literal["active", "stalled", "halted", "finished"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -15,7 +15,8 @@ class RunStatus:
     Attributes:
         run: the run id.
         state: ``active`` (records arriving), ``stalled`` (none for ``stall_after``
-            seconds) or ``halted`` (the policy or an operator stopped it).
+            seconds), ``halted`` (the policy or an operator stopped it) or ``finished``
+            (the trainer said it ended: never stalled).
         records: records ingested since the run was first seen.
         last_step: step of the newest record (None before the first).
         last_record_time: Unix time (seconds) the newest record arrived.
