@@ -6,7 +6,8 @@ from typing import Any
 
 from spikewatch.errors import SpikewatchError
 from spikewatch.records import Decision
-from spikewatch.service.registry import RunRegistry, new_command
+from spikewatch.service.commands import new_command
+from spikewatch.service.registry import RunRegistry
 
 
 class OperatorError(SpikewatchError):

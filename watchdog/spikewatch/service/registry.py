@@ -8,27 +8,22 @@ commit, outside the lock.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from spikewatch.incidents import Incident
-from spikewatch.records import ACTION_SEVERITY, Command, Decision
+from spikewatch.service.announce import close_stall, touched_incidents, watch_recovery
+from spikewatch.service.commands import apply_acks, commands_from
 from spikewatch.service.config import ServiceConfig
-from spikewatch.service.notify import Notice, Notifier, follow_up_notice, incident_notice
+from spikewatch.service.notify import Notice, Notifier
 from spikewatch.service.payloads import IngestBatch, parse_ingest, parse_json
 from spikewatch.service.run import ServiceRun
 from spikewatch.service.status import RunStatus
 from spikewatch.service.store import BatchWrite, EventStore, StoredRun
 
 log = logging.getLogger(__name__)
-
-#: Records after a rollback's detection step with no new incident: the run recovered.
-RECOVERY_STEPS = 100
 
 
 class RunRegistry:
@@ -129,7 +124,7 @@ class RunRegistry:
     ) -> None:
         now = self.clock()
         write = BatchWrite(run=run.run, monitor=None, info={})
-        write.commands += self._apply_acks(run, batch.acks, notices)
+        write.commands += apply_acks(run, batch.acks, notices)
         steps = batch.steps
         last = run.monitor.last_step
         rewind_to = batch.rewind_to
@@ -147,11 +142,13 @@ class RunRegistry:
             write.body, write.count = body, len(steps)
             write.first_step, write.last_step = steps[0], steps[-1]
             write.decisions = [d.to_json() for d in decisions if d.action != "watch"]
-            write.commands += self._commands_from(run, decisions, notices)
-            write.incidents = self._touched(run, decisions, notices)
+            write.commands += commands_from(run, decisions, notices, approval=self.config.approval)
+            write.incidents = touched_incidents(
+                run, decisions, notices, min_action=self.config.notify_min_action
+            )
             if was_stalled and run.stall_incident:
-                write.incidents.append(self._close_stall(run, notices))
-            self._watch_recovery(run, decisions, notices)
+                write.incidents.append(close_stall(run, notices))
+            watch_recovery(run, decisions, notices)
         eventful = bool(write.commands or write.decisions) or rewind_to is not None
         saved = run.state_saved_at
         if eventful or saved is None or now - saved >= self.config.state_every_s:
@@ -160,15 +157,6 @@ class RunRegistry:
             run.state_saved_at = now
         write.info = run.info()
         self.store.write(write)
-
-    def _close_stall(self, run: ServiceRun, notices: list[Notice]) -> dict[str, Any]:
-        iid, run.stall_incident = run.stall_incident, None
-        incident = run.monitor.incident(iid or "")
-        assert incident is not None  # check_stalls registered it
-        incident.status, incident.end_step = "closed", run.monitor.last_step
-        text = f"records arrive again (step {run.monitor.last_step})"
-        notices.append(follow_up_notice(run.run, incident.id, text))
-        return incident.to_json()
 
     def _rewind(self, run: ServiceRun, step: int, write: BatchWrite) -> None:
         last = run.monitor.last_step
@@ -179,97 +167,6 @@ class RunRegistry:
         run.monitor.last_step = step - 1
         run.last_snapshot_step = None
         write.drop_snapshots_from = step
-
-    def _apply_acks(
-        self, run: ServiceRun, acks: list[str], notices: list[Notice]
-    ) -> list[dict[str, Any]]:
-        changed = []
-        for cid in acks:
-            cmd = run.commands.get(cid)
-            if cmd is None or cmd["status"] != "pending":
-                continue  # unknown or already applied: acks are idempotent
-            cmd["status"] = "applied"
-            changed.append(cmd)
-            incident = cmd.get("incident") or ""
-            if cmd["action"] == "rollback":
-                run.counts["rollbacks"] += 1
-                run.pending_skip_ahead = int(cmd["skip_ahead"])
-                run.recovery = {"incident": incident, "detected_step": cmd["issued_step"]}
-                text = (
-                    f"rollback applied: restored the newest snapshot at or before step "
-                    f"{cmd['rollback_before_step']}, skipping {cmd['skip_ahead']} batches ahead"
-                )
-            else:
-                text = f"{cmd['action']} applied by the trainer: {cmd['reason']}"
-            notices.append(follow_up_notice(run.run, incident, text))
-        return changed
-
-    def _commands_from(
-        self, run: ServiceRun, decisions: list[Decision], notices: list[Notice]
-    ) -> list[dict[str, Any]]:
-        out = []
-        for d in decisions:
-            if d.action not in ("rollback", "halt"):
-                continue
-            incident = d.signal.incident if d.signal else ""
-            if any(
-                c["incident"] == incident and c["action"] == d.action for c in run.commands.values()
-            ):
-                continue  # one command per incident and action
-            status = (
-                "proposed"
-                if d.action == "rollback" and self.config.approval == "manual"
-                else "pending"
-            )
-            cmd = new_command(run.run, d, status=status, source="policy", incident=incident)
-            run.commands[cmd["id"]] = cmd
-            out.append(cmd)
-            if d.action == "halt":
-                run.halted = True
-                notices.append(follow_up_notice(run.run, incident, f"halted: {d.reason}"))
-        return out
-
-    def _touched(
-        self, run: ServiceRun, decisions: list[Decision], notices: list[Notice]
-    ) -> list[dict[str, Any]]:
-        ids = dict.fromkeys(d.signal.incident for d in decisions if d.signal is not None)
-        reasons = {d.signal.incident: d.reason for d in decisions if d.signal is not None}
-        out = []
-        for iid in ids:
-            incident = run.monitor.incident(iid)
-            if incident is None:
-                continue
-            out.append(incident.to_json())
-            self._maybe_announce(run, incident, reasons.get(iid), notices)
-        return out
-
-    def _maybe_announce(
-        self, run: ServiceRun, incident: Incident, reason: str | None, notices: list[Notice]
-    ) -> None:
-        if ACTION_SEVERITY[incident.action] < ACTION_SEVERITY[self.config.notify_min_action]:
-            return
-        if incident.id in run.announced:
-            return
-        run.announced.add(incident.id)
-        copy = dataclasses.replace(incident)
-        window = [p for p in run.recent if p[0] >= incident.onset_step - 200]
-        notices.append(incident_notice(copy, window, reason))
-
-    def _watch_recovery(
-        self, run: ServiceRun, decisions: list[Decision], notices: list[Notice]
-    ) -> None:
-        rec = run.recovery
-        if rec is None or run.monitor.last_step is None:
-            return
-        relapse = [d for d in decisions if ACTION_SEVERITY[d.action] >= ACTION_SEVERITY["rollback"]]
-        if relapse:
-            text = f"not recovered: {relapse[0].reason}"
-        elif run.monitor.last_step >= rec["detected_step"] + RECOVERY_STEPS:
-            text = f"recovered: step {run.monitor.last_step}, loss {run.loss:.4g}, no new incident"
-        else:
-            return
-        run.recovery = None
-        notices.append(follow_up_notice(run.run, rec["incident"], text))
 
     def _response(self, run: ServiceRun, accepted: int, *, duplicate: bool) -> dict[str, Any]:
         threshold = run.monitor.skip_threshold()
@@ -328,20 +225,3 @@ class RunRegistry:
             run=run.run, monitor=run.monitor_json(), info=run.info(), commands=list(commands)
         )
         self.store.write(write)
-
-
-def new_command(
-    run: str, decision: Decision, *, status: str, source: str, incident: str
-) -> dict[str, Any]:
-    """A command for the trainer from a decision, as stored and sent."""
-    cmd = Command(
-        run=run,
-        id=uuid.uuid4().hex[:16],
-        action=decision.action,  # type: ignore[arg-type]
-        reason=decision.reason,
-        issued_step=decision.step,
-        rollback_before_step=decision.rollback_before_step,
-        lr_factor=decision.lr_factor,
-        skip_ahead=decision.skip_ahead,
-    )
-    return {**cmd.to_json(), "status": status, "source": source, "incident": incident}
