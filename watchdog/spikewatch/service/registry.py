@@ -21,7 +21,8 @@ from spikewatch.service.notify import Notice, Notifier
 from spikewatch.service.payloads import IngestBatch, parse_ingest, parse_json
 from spikewatch.service.run import ServiceRun
 from spikewatch.service.status import RunStatus
-from spikewatch.service.store import BatchWrite, EventStore, StoredRun
+from spikewatch.service.store import EventStore
+from spikewatch.service.store_schema import BatchWrite, StoredRun
 
 log = logging.getLogger(__name__)
 

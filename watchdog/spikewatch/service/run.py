@@ -12,7 +12,7 @@ from spikewatch.monitor import Monitor
 from spikewatch.records import Decision
 from spikewatch.service.payloads import IngestBatch
 from spikewatch.service.status import RunState, RunStatus
-from spikewatch.service.store import StoredRun
+from spikewatch.service.store_schema import StoredRun
 from spikewatch.settings import MonitorConfig
 
 #: Command statuses: ``proposed`` waits for an operator; ``pending`` is sent to the

@@ -16,66 +16,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS runs (
-    run TEXT PRIMARY KEY, created REAL NOT NULL, updated REAL NOT NULL,
-    monitor TEXT NOT NULL, info TEXT NOT NULL, state_batch INTEGER NOT NULL DEFAULT 0);
-CREATE TABLE IF NOT EXISTS batches (
-    id INTEGER PRIMARY KEY, run TEXT NOT NULL, first_step INTEGER NOT NULL,
-    last_step INTEGER NOT NULL, count INTEGER NOT NULL, received REAL NOT NULL, body BLOB NOT NULL);
-CREATE INDEX IF NOT EXISTS batches_by_run ON batches (run, id);
-CREATE TABLE IF NOT EXISTS snapshots (
-    run TEXT NOT NULL, step INTEGER NOT NULL, monitor TEXT NOT NULL, PRIMARY KEY (run, step));
-CREATE TABLE IF NOT EXISTS incidents (
-    run TEXT NOT NULL, id TEXT NOT NULL, kind TEXT NOT NULL, onset_step INTEGER NOT NULL,
-    detected_step INTEGER NOT NULL, action TEXT NOT NULL, status TEXT NOT NULL,
-    reason TEXT NOT NULL, body TEXT NOT NULL, opened REAL NOT NULL, updated REAL NOT NULL,
-    PRIMARY KEY (run, id));
-CREATE TABLE IF NOT EXISTS decisions (
-    id INTEGER PRIMARY KEY, run TEXT NOT NULL, step INTEGER NOT NULL, action TEXT NOT NULL,
-    incident TEXT NOT NULL, body TEXT NOT NULL, at REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS commands (
-    id TEXT PRIMARY KEY, run TEXT NOT NULL, action TEXT NOT NULL, status TEXT NOT NULL,
-    source TEXT NOT NULL, body TEXT NOT NULL, created REAL NOT NULL, updated REAL NOT NULL);
-CREATE INDEX IF NOT EXISTS commands_by_run ON commands (run, created);
-CREATE TABLE IF NOT EXISTS slack_threads (key TEXT PRIMARY KEY, ts TEXT NOT NULL);
-"""
-
-
-@dataclass(frozen=True, slots=True)
-class StoredRun:
-    """A run as persisted: its monitor state and the service's bookkeeping (``info``)."""
-
-    run: str
-    created: float
-    monitor: dict[str, Any]
-    info: dict[str, Any]
-    state_batch: int = 0
-
-
-@dataclass(slots=True)
-class BatchWrite:
-    """Everything one ingest request changes, written in one transaction."""
-
-    run: str
-    monitor: str | None
-    info: dict[str, Any]
-    body: bytes | None = None
-    first_step: int = 0
-    last_step: int = 0
-    count: int = 0
-    snapshot_step: int | None = None
-    drop_snapshots_from: int | None = None
-    incidents: list[dict[str, Any]] = field(default_factory=list)
-    decisions: list[dict[str, Any]] = field(default_factory=list)
-    commands: list[dict[str, Any]] = field(default_factory=list)
+from spikewatch.service.store_schema import SCHEMA, SCHEMA_VERSION, BatchWrite, StoredRun
 
 
 class EventStore:
@@ -100,7 +44,7 @@ class EventStore:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=5000")
         with self._tx() as db:
-            for stmt in _SCHEMA.strip().split(";"):
+            for stmt in SCHEMA.strip().split(";"):
                 if stmt.strip():
                     db.execute(stmt)
             db.execute(
