@@ -93,8 +93,8 @@ def test_submit_never_blocks_and_drops_when_full(tmp_path: Path) -> None:
 def test_a_batch_the_service_rejects_is_dropped_and_counted(tmp_path: Path) -> None:
     with ServiceProcess(tmp_path) as svc:
         t = HttpTransport(svc.url, run="r", token=TOKEN, batch_size=10, flush_interval_s=0.02)
-        t.submit([StepRecord(run="r", step=0, loss="high")])  # type: ignore[arg-type]
-        t.submit([StepRecord(run="r", step=1, loss=1.0)])
+        bad = StepRecord(run="r", step=0, loss="high")  # type: ignore[arg-type]
+        t.submit([bad, StepRecord(run="r", step=1, loss=1.0)])  # one batch
         assert t.flush(timeout=20)
         t.close()
         assert t.rejected == 2  # the whole batch was unacceptable; training went on
