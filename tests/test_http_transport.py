@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -166,3 +167,14 @@ def test_closing_the_transport_finishes_the_run_and_new_records_resume_it(tmp_pa
 def _job_runs(svc: ServiceProcess, job: str) -> int:
     _, health = svc.get("/healthz")
     return int(next(j["runs"] for j in health["jobs"] if j["job"] == job))
+
+
+def test_numpy_values_are_sent_and_exit_without_close_is_no_finish(tmp_path: Path) -> None:
+    with ServiceProcess(tmp_path) as svc:
+        t = HttpTransport(svc.url, run="r", token=TOKEN, batch_size=10, flush_interval_s=0.02)
+        loss, position = np.float32(2.5), np.int64(7)  # what a trainer often passes along
+        t.submit([StepRecord(run="r", step=0, loss=loss, data_position=position)])  # type: ignore[arg-type]
+        t._at_exit()  # what the interpreter runs at exit when the loop died without close()
+        _, run = svc.get("/v1/runs/r")
+        assert (run["records"], run["loss"], run["state"]) == (1, 2.5, "active")
+        assert t.rejected == 0

@@ -12,6 +12,7 @@ import pytest
 from spikewatch.monitor import Monitor
 from spikewatch.records import StepRecord
 from spikewatch.service.config import ServiceConfig
+from spikewatch.service.operator import Operator
 from spikewatch.service.payloads import IngestBatch
 from spikewatch.service.registry import RunRegistry
 from spikewatch.service.store import EventStore
@@ -129,3 +130,36 @@ def test_retention_never_drops_batches_the_saved_state_lacks(tmp_path: Path) -> 
     for r in records:
         reference.observe(r)
     assert restarted.runs["r"].monitor.state_dict() == reference.state_dict()
+
+
+def test_an_operator_command_whose_write_fails_is_not_sent_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = EventStore(tmp_path / "events.db")
+    reg = RunRegistry(store, ServiceConfig())
+    operator = Operator(reg)
+    _feed(reg, _records(0, 100))
+    real_write = store.write
+
+    def locked(write: object) -> None:
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(store, "write", locked)
+    with pytest.raises(sqlite3.OperationalError):
+        operator.apply("r", action="rollback", rollback_before_step=50)
+    monkeypatch.setattr(store, "write", real_write)
+    operator.apply("r", action="rollback", rollback_before_step=50)  # the operator retries
+    more = _records(100, 10)
+    answer = reg.ingest("r", IngestBatch.of(more), _body(more))
+    assert [c["action"] for c in answer["commands"]] == ["rollback"]
+
+
+def test_a_restart_drops_the_abandoned_branch_from_the_recent_curve(tmp_path: Path) -> None:
+    store = EventStore(tmp_path / "events.db")
+    reg = RunRegistry(store, ServiceConfig())
+    _feed(reg, _records(0, 600))
+    again = _records(400, 50, seed=3)
+    reg.ingest("r", IngestBatch.of(again, rewind_to=400), _body(again))
+    restarted = RunRegistry(EventStore(tmp_path / "events.db"), ServiceConfig())
+    steps = [s for s, _ in restarted.runs["r"].recent]
+    assert steps == list(range(450)) == [s for s, _ in reg.runs["r"].recent]

@@ -116,7 +116,8 @@ class HttpTransport:
         self._finishing = self._finish_sent = False
         self._thread = threading.Thread(target=self._run, name="spikewatch-http", daemon=True)
         self._thread.start()
-        atexit.register(self.close, timeout=2.0)
+        # At exit only deliver: a run that ends by an exception must not look finished.
+        atexit.register(self._at_exit)
 
     # -- the training thread ------------------------------------------------------------
     def submit(self, records: Sequence[StepRecord]) -> list[Decision]:
@@ -193,25 +194,41 @@ class HttpTransport:
         if self._conn is not None:
             self._conn.close()
 
+    def _at_exit(self) -> None:
+        if not self._stop:
+            self.flush(2.0)
+            self._stop = True
+            self._wake.set()
+
     # -- the sender thread --------------------------------------------------------------
     def _run(self) -> None:
         batch: _Batch | None = None
         backoff = 0.1
         while not self._stop:
-            if batch is None:
-                self._wake.wait(self.flush_interval_s)
-                self._wake.clear()
-                batch = self._next_batch()
+            try:
                 if batch is None:
-                    continue
-            if self._send(batch):
-                self._commit(batch)
-                batch, backoff = None, 0.1
-                if self._queued >= self.batch_size:
-                    self._wake.set()
-            else:
+                    self._wake.wait(self.flush_interval_s)
+                    self._wake.clear()
+                    batch = self._next_batch()
+                    if batch is None:
+                        continue
+                outcome = self._send(batch)
+            except Exception:  # a bug here must not end delivery for the rest of the run
+                log.exception("spikewatch: the monitor client failed; retrying")
+                outcome = "retry"
+            if outcome == "retry":
+                self.failures += 1
                 time.sleep(backoff)  # the service is down or slow: keep the batch, retry
                 backoff = min(backoff * 2.0, self.max_backoff_s)
+                continue
+            assert batch is not None
+            if outcome == "sent":
+                self._commit(batch)
+            else:
+                self._drop(batch)
+            batch, backoff = None, 0.1
+            if self._queued >= self.batch_size:
+                self._wake.set()
 
     def _next_batch(self) -> _Batch | None:
         with self._lock:
@@ -245,6 +262,18 @@ class HttpTransport:
             if batch.finished and self._finishing:
                 self._finish_sent = True
 
+    def _drop(self, batch: _Batch) -> None:
+        """A batch the service can never take: drop its records, keep its acks, rewind
+        and finish for the next batch (they are not what was wrong with it)."""
+        with self._lock:
+            for _ in range(len(batch.records)):
+                self._queue.popleft()
+            self._queued -= len(batch.records)
+            self.rejected += len(batch.records)
+            if batch.rewind:
+                self._queue.appendleft(_Rewind())
+            self._acks[:0] = batch.acks
+
     def _body(self, batch: _Batch) -> bytes:
         data: dict[str, Any] = {
             "records": [_record_json(r) for r in batch.records],
@@ -257,27 +286,29 @@ class HttpTransport:
             data["rewind_to"] = batch.records[0].step
         if batch.finished:
             data["finished"] = True
-        return json.dumps(data).encode()
+        return json.dumps(data, default=_plain).encode()
 
-    def _send(self, batch: _Batch) -> bool:
-        """POST one batch; True when the service took it (or rejected it for good)."""
+    def _send(self, batch: _Batch) -> str:
+        """POST one batch: ``sent``, ``rejected`` (never acceptable) or ``retry``."""
         try:
-            status, payload = self._post(self._body(batch))
+            body = self._body(batch)
+        except (TypeError, ValueError) as exc:  # a value JSON cannot carry
+            log.error("spikewatch: a batch of records cannot be encoded (%s); dropped", exc)
+            return "rejected"
+        try:
+            status, payload = self._post(body)
         except (OSError, http.client.HTTPException) as exc:
-            self.failures += 1
             self._reset()
             log.warning("spikewatch: monitor service %s unreachable (%s); retrying", self.url, exc)
-            return False
+            return "retry"
         if status == 200:
             self._handle(payload)
-            return True
+            return "sent"
         if status in (400, 413, 422):  # this batch can never be accepted: say why, move on
-            self.rejected += len(batch.records)
             log.error("spikewatch: monitor service rejected a batch (%d): %s", status, payload)
-            return True
-        self.failures += 1
+            return "rejected"
         log.warning("spikewatch: monitor service answered %d (%s); retrying", status, payload)
-        return False
+        return "retry"
 
     def _post(self, body: bytes) -> tuple[int, Any]:
         if self._conn is None:
@@ -301,7 +332,9 @@ class HttpTransport:
             self._conn.close()
             self._conn = None
 
-    def _handle(self, payload: dict[str, Any]) -> None:
+    def _handle(self, payload: Any) -> None:
+        if not isinstance(payload, dict):  # a proxy's page, say: the batch was not taken
+            raise http.client.HTTPException(f"not a spikewatch answer: {str(payload)[:80]!r}")
         threshold = payload.get("skip_threshold")
         self._threshold = float("inf") if threshold is None else float(threshold)
         self._incidents = int(payload.get("incidents", self._incidents))
@@ -311,6 +344,14 @@ class HttpTransport:
             self._seen.add(cmd["id"])
             with self._lock:
                 self._decisions.append((cmd["id"], _decision(cmd)))
+
+
+def _plain(value: Any) -> Any:
+    """NumPy and torch scalars as plain numbers (``json`` knows neither)."""
+    item = getattr(value, "item", None)
+    if item is None:
+        raise TypeError(f"{type(value).__name__} is not a number")
+    return item()
 
 
 def _record_json(r: StepRecord) -> dict[str, Any]:

@@ -190,7 +190,8 @@ def _install_error_handlers(app: FastAPI, service: Service) -> None:
 
     @app.exception_handler(PayloadError)
     async def payload_error(request: Request, exc: PayloadError) -> Response:
-        service.ingest_counts["rejected"] += 1
+        if request.url.path.endswith("/records"):  # the metric counts ingest requests
+            service.ingest_counts["rejected"] += 1
         return JSONResponse({"error": str(exc), "field": exc.field}, status_code=exc.status)
 
     @app.exception_handler(StarletteHTTPException)

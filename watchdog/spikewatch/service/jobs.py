@@ -28,7 +28,7 @@ def check_stalls(registry: RunRegistry) -> int:
     """Mark runs with no records for ``stall_after_s`` as stalled; return how many."""
     cfg, now, stalled = registry.config, registry.clock(), []
     with registry.lock:
-        for run in registry.runs.values():
+        for run in registry.settled():
             last = run.last_record_time
             if run.state != "active" or last is None or now - last <= cfg.stall_after_s:
                 continue
@@ -59,18 +59,14 @@ def sweep(registry: RunRegistry) -> int:
     with registry.lock:
         todo = [
             (run, list(run.recent)[-cfg.sweep_records :])
-            for run in registry.runs.values()
+            for run in registry.settled()
             if run.state == "active" and run.monitor.last_step != run.swept_step
         ]
     for run, points in todo:  # ruptures runs outside the lock: ingest goes on meanwhile
-        shift = find_level_shift(
-            [s for s, _ in points],
-            [v for _, v in points],
-            penalty=cfg.monitor.cpd_penalty,
-            elevated=cfg.monitor.elevated,
-            min_rise=cfg.monitor.min_rise,
-        )
+        shift = _find_shift(run.run, points, registry)
         with registry.lock:
+            if registry.runs.get(run.run) is not run or run.run in registry.stale:
+                continue  # reloaded meanwhile: this object is no longer the run
             run.swept_step = points[-1][0] if points else None
             covered = shift is None or any(
                 abs(i.onset_step - shift.onset_step) <= cfg.monitor.window
@@ -87,6 +83,24 @@ def sweep(registry: RunRegistry) -> int:
     for incident, window in found:
         registry.notify(incident_notice(incident, window))
     return len(found)
+
+
+def _find_shift(
+    run: str, points: list[tuple[int, float]], registry: RunRegistry
+) -> LevelShift | None:
+    """One run's sweep; a curve ruptures cannot handle costs that run's sweep, not all."""
+    cfg = registry.config.monitor
+    try:
+        return find_level_shift(
+            [s for s, _ in points],
+            [v for _, v in points],
+            penalty=cfg.cpd_penalty,
+            elevated=cfg.elevated,
+            min_rise=cfg.min_rise,
+        )
+    except (ArithmeticError, ValueError) as exc:
+        log.warning("spikewatch: change-point sweep of run %r failed: %s", run, exc)
+        return None
 
 
 def _sweep_incident(run: str, shift: LevelShift, step: int) -> Incident:

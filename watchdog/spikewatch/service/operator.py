@@ -50,7 +50,7 @@ class Operator:
         """Apply one command; return ``{"command": ..., "run": state}``."""
         reg = self.registry
         with reg.lock:
-            run = reg.runs.get(run_id)
+            run = reg.fresh(run_id)
             if run is None:
                 raise OperatorError(f"no run {run_id!r}: it has sent no records yet", 404)
             if action in ("approve", "veto"):

@@ -163,10 +163,17 @@ def parse_ingest(data: object, run: str, *, max_records: int) -> IngestBatch:
         seq=_optional_int(data, "seq"),
         client=_optional_str(data, "client"),
         acks=_acks(data.get("acks", [])),
-        rewind_to=_optional_int(data, "rewind_to"),
+        rewind_to=_rewind_step(data),
         dropped=_optional_int(data, "dropped") or 0,
         finished=_flag(data, "finished"),
     )
+
+
+def _rewind_step(data: dict[str, Any]) -> int | None:
+    value = _optional_int(data, "rewind_to")
+    if value is not None and value <= _INT64_MIN:  # the step before it must fit too
+        raise _bad("rewind_to", value, f"an integer above {_INT64_MIN}")
+    return value
 
 
 def _flag(data: dict[str, Any], name: str) -> bool:

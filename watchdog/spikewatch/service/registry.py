@@ -141,8 +141,8 @@ class RunRegistry:
         run.client_dropped = max(run.client_dropped, batch.dropped)
         if steps or batch.finished:
             run.finished = batch.finished  # records after a finish: the run goes on
+        was_stalled = run.stalled
         if steps:
-            was_stalled = run.stalled
             decisions = run.observe(batch, now=now)
             write.body, write.count = body, len(steps)
             write.first_step, write.last_step = steps[0], steps[-1]
@@ -151,9 +151,11 @@ class RunRegistry:
             write.incidents = touched_incidents(
                 run, decisions, notices, min_action=self.config.notify_min_action
             )
-            if was_stalled and run.stall_incident:
-                write.incidents.append(close_stall(run, notices))
             watch_recovery(run, decisions, notices)
+        if was_stalled and (steps or batch.finished):
+            run.stalled = False
+            if run.stall_incident:  # records again, or the trainer says it finished
+                write.incidents.append(close_stall(run, notices))
         eventful = bool(write.commands or write.decisions) or rewind_to is not None
         saved = run.state_saved_at
         if eventful or saved is None or now - saved >= self.config.state_every_s:
@@ -229,4 +231,20 @@ class RunRegistry:
         write = BatchWrite(
             run=run.run, monitor=run.monitor_json(), info=run.info(), commands=list(commands)
         )
-        self.store.write(write)
+        try:
+            self.store.write(write)
+        except Exception:
+            self.stale.add(run.run)  # memory is ahead of the store: reload before reuse
+            raise
+
+    def fresh(self, run_id: str) -> ServiceRun | None:
+        """The run to change outside ingest (operators), reloaded first if a write failed;
+        None for an unknown run. Raises while the store is down. Hold `lock`."""
+        if run_id not in self.runs and run_id not in self.stale:
+            return None
+        run = self._current(run_id)
+        return run if run_id in self.runs else None
+
+    def settled(self) -> list[ServiceRun]:
+        """Runs whose memory matches the store (jobs skip the others until reloaded)."""
+        return [r for r in self.runs.values() if r.run not in self.stale]

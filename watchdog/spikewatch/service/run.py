@@ -189,7 +189,11 @@ class ServiceRun:
         run.stall_incident = info["stall_incident"]
         run.pending_skip_ahead = int(info["pending_skip_ahead"])
         run.commands = {c["id"]: c for c in commands}
-        run.recent.extend((int(r["step"]), float(r["loss"])) for r in recent)
+        for r in recent:  # in arrival order; a step going back drops the abandoned branch
+            step = int(r["step"])
+            while run.recent and run.recent[-1][0] >= step:
+                run.recent.pop()
+            run.recent.append((step, float(r["loss"])))
         return run
 
 
