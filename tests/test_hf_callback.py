@@ -23,7 +23,9 @@ import torch
 from torch.utils.data import Dataset
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
+from service_process import TOKEN, ServiceProcess
 from spikewatch.errors import ConfigError
+from spikewatch.http_transport import HttpTransport
 from spikewatch.policy import PolicyConfig
 from spikewatch.settings import MonitorConfig
 from spikewatch_hooks.demo.corpus import CharCorpus, corpus_text
@@ -275,3 +277,24 @@ def test_bad_options_fail_at_construction(options: dict[str, Any], field: str) -
 def test_stats_before_training_say_what_to_do() -> None:
     with pytest.raises(Exception, match=r"trainer\.train\(\)"):
         _ = SpikewatchCallback().stats
+
+
+def test_poisoned_run_recovers_through_the_monitor_service(
+    corpus: CharCorpus, tmp_path: Path, clean_run: dict[str, Any]
+) -> None:
+    s = SCENARIO
+    policy = f"[monitor.policy]\nmargin = 20\nskip_ahead = {s.poison_batches}\n"
+    with ServiceProcess(tmp_path, config=policy) as svc:
+        transport = HttpTransport(
+            svc.url, run="hf-service", token=TOKEN, batch_size=8, flush_interval_s=0.01
+        )
+        callback = SpikewatchCallback(
+            run_id="hf-service", snapshot_every=10, keep_snapshots=8, transport=transport
+        )
+        model, _ = train(corpus, tmp_path / "guarded", s, poison=True, callback=callback)
+        _, run = svc.get("/v1/runs/hf-service")
+    assert callback.stats["rollbacks"] >= 1
+    assert held_out_loss(model, corpus, s) <= 1.05 * clean_run["loss"]
+    assert run["rollbacks"] >= 1 and run["skipped_batches"] > 0
+    assert run["state"] == "finished"  # the callback said so at the end of training
+    assert run["records"] >= s.steps

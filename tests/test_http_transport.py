@@ -23,6 +23,7 @@ from spikewatch.service.registry import RunRegistry
 from spikewatch.service.store import EventStore
 from spikewatch_hooks.demo.corpus import CharCorpus
 from spikewatch_hooks.demo.scenario import DemoSettings, load_corpus, train
+from spikewatch_hooks.guard import SpikeGuard
 
 
 def _curve(n: int, seed: int = 0) -> list[StepRecord]:
@@ -178,3 +179,15 @@ def test_numpy_values_are_sent_and_exit_without_close_is_no_finish(tmp_path: Pat
         _, run = svc.get("/v1/runs/r")
         assert (run["records"], run["loss"], run["state"]) == (1, 2.5, "active")
         assert t.rejected == 0
+
+
+def test_monitor_url_gives_the_guard_an_http_transport(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPIKEWATCH_TOKEN", "from-the-env")
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = SpikeGuard(model, opt, run_id="r", monitor_url="http://127.0.0.1:9")
+    assert isinstance(guard.transport, HttpTransport)
+    assert guard.transport.url == "http://127.0.0.1:9"
+    guard.transport.close(timeout=0.1)
+    with pytest.raises(ConfigError, match=r"monitor_url='http://127\.0\.0\.1:9' is invalid"):
+        SpikeGuard(model, opt, monitor_url="http://127.0.0.1:9", distributed=True)
