@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import atexit
 import http.client
-import json
 import logging
 import os
 import threading
@@ -21,29 +20,15 @@ import urllib.parse
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from spikewatch.errors import bad_value
+from spikewatch.http_wire import Batch, Connection, Rewind, decision_of
 from spikewatch.records import Decision, StepRecord
 
 log = logging.getLogger(__name__)
 
 TOKEN_ENV = "SPIKEWATCH_TOKEN"
-
-
-@dataclass(frozen=True, slots=True)
-class _Rewind:
-    """Queue marker: the records after it continue a rolled-back run."""
-
-
-@dataclass(slots=True)
-class _Batch:
-    seq: int
-    records: list[StepRecord]
-    rewind: bool
-    acks: list[str] = field(default_factory=list)
-    finished: bool = False
 
 
 class HttpTransport:
@@ -91,8 +76,8 @@ class HttpTransport:
         if not token:
             raise bad_value("token", token, f"pass token= or set {TOKEN_ENV} (the service's token)")
         self.url, self.run = url, run
-        self._parts, self._token = parts, token
-        self._path = f"{parts.path.rstrip('/')}/v1/runs/{urllib.parse.quote(run, safe='')}/records"
+        path = f"{parts.path.rstrip('/')}/v1/runs/{urllib.parse.quote(run, safe='')}/records"
+        self._conn = Connection(parts, path=path, token=token, timeout_s=timeout_s)
         self.max_queue, self.batch_size = max_queue, batch_size
         self.flush_interval_s, self.timeout_s, self.max_backoff_s = (
             flush_interval_s,
@@ -100,7 +85,7 @@ class HttpTransport:
             max_backoff_s,
         )
         self.client_id = uuid.uuid4().hex[:12]
-        self._queue: deque[StepRecord | _Rewind] = deque()
+        self._queue: deque[StepRecord | Rewind] = deque()
         self._queued = 0
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -110,7 +95,6 @@ class HttpTransport:
         self._seq = 0
         self._threshold = float("inf")
         self._incidents = 0
-        self._conn: http.client.HTTPConnection | None = None
         self.sent = self.dropped = self.failures = self.rejected = 0
         self._stop = False
         self._finishing = self._finish_sent = False
@@ -148,7 +132,7 @@ class HttpTransport:
     def rewind(self, state: dict[str, Any]) -> None:
         """The trainer rolled back: the next records tell the service to rewind too."""
         with self._lock:
-            self._queue.append(_Rewind())
+            self._queue.append(Rewind())
 
     def incidents(self) -> int:
         """Incidents the service has opened for this run (as of the last response)."""
@@ -191,8 +175,7 @@ class HttpTransport:
         self._stop = True
         self._wake.set()
         self._thread.join(timeout=max(timeout, 0.1))
-        if self._conn is not None:
-            self._conn.close()
+        self._conn.reset()
 
     def _at_exit(self) -> None:
         if not self._stop:
@@ -202,7 +185,7 @@ class HttpTransport:
 
     # -- the sender thread --------------------------------------------------------------
     def _run(self) -> None:
-        batch: _Batch | None = None
+        batch: Batch | None = None
         backoff = 0.1
         while not self._stop:
             try:
@@ -230,15 +213,15 @@ class HttpTransport:
             if self._queued >= self.batch_size:
                 self._wake.set()
 
-    def _next_batch(self) -> _Batch | None:
+    def _next_batch(self) -> Batch | None:
         with self._lock:
             acks, self._acks = self._acks, []
-            rewind = len(self._queue) > 1 and isinstance(self._queue[0], _Rewind)
+            rewind = len(self._queue) > 1 and isinstance(self._queue[0], Rewind)
             if rewind:  # only with a record behind it: rewind_to names that record's step
                 self._queue.popleft()
             records: list[StepRecord] = []
             for item in self._queue:
-                if isinstance(item, _Rewind) or len(records) == self.batch_size:
+                if isinstance(item, Rewind) or len(records) == self.batch_size:
                     break
                 records.append(item)
             if not records and self._queue:
@@ -247,22 +230,22 @@ class HttpTransport:
         if not records and not acks and not finished:
             return None
         self._seq += 1
-        return _Batch(self._seq, records, rewind, acks, finished)
+        return Batch(self._seq, records, rewind, acks, finished)
 
-    def _commit(self, batch: _Batch) -> None:
+    def _commit(self, batch: Batch) -> None:
         """Drop a delivered batch's records from the queue (new ones were appended behind)."""
         with self._lock:
             n = len(batch.records)
             for _ in range(n):
                 item = self._queue.popleft()
-                while isinstance(item, _Rewind):  # cannot happen ahead of the batch's records
+                while isinstance(item, Rewind):  # cannot happen ahead of the batch's records
                     item = self._queue.popleft()
             self._queued -= n
             self.sent += n
             if batch.finished and self._finishing:
                 self._finish_sent = True
 
-    def _drop(self, batch: _Batch) -> None:
+    def _drop(self, batch: Batch) -> None:
         """A batch the service can never take: drop its records, keep its acks, rewind
         and finish for the next batch (they are not what was wrong with it)."""
         with self._lock:
@@ -271,34 +254,20 @@ class HttpTransport:
             self._queued -= len(batch.records)
             self.rejected += len(batch.records)
             if batch.rewind:
-                self._queue.appendleft(_Rewind())
+                self._queue.appendleft(Rewind())
             self._acks[:0] = batch.acks
 
-    def _body(self, batch: _Batch) -> bytes:
-        data: dict[str, Any] = {
-            "records": [_record_json(r) for r in batch.records],
-            "seq": batch.seq,
-            "client": self.client_id,
-            "acks": batch.acks,
-            "dropped": self.dropped,
-        }
-        if batch.rewind and batch.records:
-            data["rewind_to"] = batch.records[0].step
-        if batch.finished:
-            data["finished"] = True
-        return json.dumps(data, default=_plain).encode()
-
-    def _send(self, batch: _Batch) -> str:
+    def _send(self, batch: Batch) -> str:
         """POST one batch: ``sent``, ``rejected`` (never acceptable) or ``retry``."""
         try:
-            body = self._body(batch)
+            body = batch.encode(client=self.client_id, dropped=self.dropped)
         except (TypeError, ValueError) as exc:  # a value JSON cannot carry
             log.error("spikewatch: a batch of records cannot be encoded (%s); dropped", exc)
             return "rejected"
         try:
-            status, payload = self._post(body)
+            status, payload = self._conn.post(body)
         except (OSError, http.client.HTTPException) as exc:
-            self._reset()
+            self._conn.reset()
             log.warning("spikewatch: monitor service %s unreachable (%s); retrying", self.url, exc)
             return "retry"
         if status == 200:
@@ -309,28 +278,6 @@ class HttpTransport:
             return "rejected"
         log.warning("spikewatch: monitor service answered %d (%s); retrying", status, payload)
         return "retry"
-
-    def _post(self, body: bytes) -> tuple[int, Any]:
-        if self._conn is None:
-            cls = (
-                http.client.HTTPSConnection
-                if self._parts.scheme == "https"
-                else http.client.HTTPConnection
-            )
-            self._conn = cls(self._parts.hostname or "", self._parts.port, timeout=self.timeout_s)
-        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {self._token}"}
-        self._conn.request("POST", self._path, body=body, headers=headers)
-        resp = self._conn.getresponse()
-        raw = resp.read()
-        try:
-            return resp.status, json.loads(raw)
-        except ValueError:
-            return resp.status, raw[:200].decode(errors="replace")
-
-    def _reset(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
 
     def _handle(self, payload: Any) -> None:
         if not isinstance(payload, dict):  # a proxy's page, say: the batch was not taken
@@ -343,33 +290,4 @@ class HttpTransport:
                 continue
             self._seen.add(cmd["id"])
             with self._lock:
-                self._decisions.append((cmd["id"], _decision(cmd)))
-
-
-def _plain(value: Any) -> Any:
-    """NumPy and torch scalars as plain numbers (``json`` knows neither)."""
-    item = getattr(value, "item", None)
-    if item is None:
-        raise TypeError(f"{type(value).__name__} is not a number")
-    return item()
-
-
-def _record_json(r: StepRecord) -> dict[str, Any]:
-    d: dict[str, Any] = {"step": r.step, "loss": r.loss}
-    for name in ("grad_norm", "lr", "data_position", "wall_time"):
-        value = getattr(r, name)
-        if value is not None:
-            d[name] = value
-    return d
-
-
-def _decision(cmd: dict[str, Any]) -> Decision:
-    return Decision(
-        run=cmd["run"],
-        step=int(cmd["issued_step"]),
-        action=cmd["action"] if cmd["action"] in ("rollback", "halt") else "watch",
-        reason=f"spikewatch service: {cmd['reason']}",
-        rollback_before_step=cmd.get("rollback_before_step"),
-        lr_factor=float(cmd.get("lr_factor", 1.0)),
-        skip_ahead=int(cmd.get("skip_ahead", 0)),
-    )
+                self._decisions.append((cmd["id"], decision_of(cmd)))
