@@ -17,6 +17,7 @@ from spikewatch import __version__, demo_command
 from spikewatch.errors import SpikewatchError
 from spikewatch.replay import command as replay_command
 from spikewatch.service import command as serve_command
+from spikewatch.service import incidents_command
 
 Register = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
 
@@ -25,6 +26,7 @@ SUBCOMMANDS: tuple[Register, ...] = (
     demo_command.register,
     replay_command.register,
     serve_command.register,
+    incidents_command.register,
 )
 
 
