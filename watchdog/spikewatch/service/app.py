@@ -15,8 +15,8 @@ from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Path as FastApiPath
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
@@ -25,68 +25,19 @@ from starlette.routing import Route
 
 from spikewatch import __version__
 from spikewatch.service.core import Service
+from spikewatch.service.openapi import INGEST_PATH, build_openapi, errors
 from spikewatch.service.operator import OperatorError
-from spikewatch.service.payloads import PayloadError, check_run_id, parse_ingest, parse_json
+from spikewatch.service.payloads import (
+    RUN_ID,
+    PayloadError,
+    check_run_id,
+    parse_ingest,
+    parse_json,
+)
 
 log = logging.getLogger(__name__)
 
-_RECORD_SCHEMA = {
-    "type": "object",
-    "required": ["step", "loss"],
-    "properties": {
-        "step": {"type": "integer"},
-        "loss": {"type": "number", "description": "NaN and Infinity are valid (JSON literals)"},
-        "grad_norm": {"type": ["number", "null"]},
-        "lr": {"type": ["number", "null"]},
-        "data_position": {"type": ["integer", "null"]},
-        "wall_time": {"type": ["number", "null"]},
-        "run": {"type": "string", "description": "optional; must equal the run in the URL"},
-    },
-    "additionalProperties": False,
-}
-INGEST_PATH = "/v1/runs/{run}/records"
-
-_INGEST_BODY = {
-    "required": True,
-    "content": {
-        "application/json": {
-            "schema": {
-                "type": "object",
-                "required": ["records"],
-                "properties": {
-                    "records": {"type": "array", "items": _RECORD_SCHEMA},
-                    "seq": {"type": ["integer", "null"]},
-                    "client": {"type": ["string", "null"]},
-                    "acks": {"type": "array", "items": {"type": "string"}},
-                    "rewind_to": {"type": ["integer", "null"]},
-                    "dropped": {"type": ["integer", "null"]},
-                },
-                "additionalProperties": False,
-            }
-        }
-    },
-}
-
-
-_INGEST_OPERATION = {
-    "summary": "Ingest a batch of step records; returns the commands pending for the run",
-    "operationId": "ingest_records",
-    "parameters": [{"name": "run", "in": "path", "required": True, "schema": {"type": "string"}}],
-    "requestBody": _INGEST_BODY,
-    "security": [{"HTTPBearer": []}],
-    "responses": {
-        "200": {
-            "description": "accepted; the commands pending for the run",
-            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/IngestOut"}}},
-        },
-        "400": {"description": "the body is not JSON"},
-        "401": {"description": "no bearer token"},
-        "403": {"description": "wrong token"},
-        "413": {"description": "the body is too large"},
-        "422": {"description": "a field is invalid; the message names it"},
-        "503": {"description": "the event store is unavailable; retry"},
-    },
-}
+RunId = Annotated[str, FastApiPath(pattern=RUN_ID.pattern, description="the run id")]
 
 
 class CommandIn(BaseModel):
@@ -101,16 +52,6 @@ class CommandIn(BaseModel):
         default=None, description="rollback: restore at or before"
     )
     skip_ahead: int = Field(default=0, ge=0)
-
-
-class IngestOut(BaseModel):
-    """The answer to an ingest: the commands pending for the run."""
-
-    accepted: int
-    duplicate: bool
-    commands: list[dict[str, Any]]
-    skip_threshold: float | None
-    halted: bool
 
 
 def _json(data: Any, status: int = 200) -> Response:
@@ -151,24 +92,6 @@ def _authoriser(service: Service) -> Callable[[Credentials], Awaitable[None]]:
     return authorised
 
 
-def _openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's schema plus the ingest route (a plain Starlette route, see `create_app`)."""
-    if app.openapi_schema is None:
-        schema = get_openapi(
-            title=app.title, version=app.version, description=app.description, routes=app.routes
-        )
-        schema.setdefault("components", {}).setdefault("securitySchemes", {})["HTTPBearer"] = {
-            "type": "http",
-            "scheme": "bearer",
-        }
-        schema["components"].setdefault("schemas", {})["IngestOut"] = IngestOut.model_json_schema(
-            ref_template="#/components/schemas/{model}"
-        )
-        schema["paths"][INGEST_PATH] = {"post": _INGEST_OPERATION}
-        app.openapi_schema = schema
-    return app.openapi_schema
-
-
 async def _read_body(request: Request, limit: int) -> bytes:
     """The body, refused (413) past ``limit`` bytes before it is all read."""
     declared = request.headers.get("content-length")
@@ -202,12 +125,14 @@ def _install_error_handlers(app: FastAPI, service: Service) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
         first = exc.errors()[0] if exc.errors() else {"loc": ("body",), "msg": "invalid"}
-        field = ".".join(str(p) for p in first["loc"] if p != "body") or "body"
+        loc = [str(p) for p in first["loc"]]
+        field = ".".join(loc[1:] if loc[0] in ("body", "path", "query") else loc) or "body"
         if first.get("type") == "json_invalid":
             return JSONResponse(
                 {"error": f"body is not valid JSON: {first['msg']}", "field": "body"}, 400
             )
-        message = f"{field}: {first['msg']}"
+        shown = repr(first["input"])[:80] if "input" in first else "?"
+        message = f"{field}={shown} is invalid: {first['msg']}"
         return JSONResponse({"error": message, "field": field}, status_code=422)
 
     @app.exception_handler(OperatorError)
@@ -246,21 +171,25 @@ def create_app(service: Service) -> FastAPI:
         return _json(response)
 
     app.router.routes.append(Route(INGEST_PATH, ingest, methods=["POST"]))
-    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    app.openapi = lambda: build_openapi(app)  # type: ignore[method-assign]
 
     @app.get("/v1/runs", summary="Every run's status")
     def runs() -> Response:
         return _json({"runs": [service.run_view(s) for s in service.registry.statuses()]})
 
-    @app.get("/v1/runs/{run}", summary="One run's status and commands")
-    def run_detail(run: str) -> Response:
+    @app.get("/v1/runs/{run}", summary="One run's status and commands", responses=errors(404, 422))
+    def run_detail(run: RunId) -> Response:
         status = service.registry.status(check_run_id(run))
         if status is None:
             raise HTTPException(404, f"no run {run!r}: it has sent no records yet")
         return _json({**service.run_view(status), "commands": service.store.commands(run)})
 
-    @app.get("/v1/runs/{run}/incidents", summary="A run's incidents, oldest first")
-    def incidents(run: str) -> Response:
+    @app.get(
+        "/v1/runs/{run}/incidents",
+        summary="A run's incidents, oldest first",
+        responses=errors(404, 422),
+    )
+    def incidents(run: RunId) -> Response:
         if service.registry.status(check_run_id(run)) is None:
             raise HTTPException(404, f"no run {run!r}: it has sent no records yet")
         return _json({"incidents": service.store.incidents(run)})
@@ -269,17 +198,22 @@ def create_app(service: Service) -> FastAPI:
         "/v1/runs/{run}/commands",
         dependencies=[Depends(authorised)],
         summary="An operator's command: halt, resume, rollback, approve or veto a rollback",
+        responses=errors(400, 401, 403, 404, 409, 422, 503),
     )
-    def command(run: str, body: CommandIn) -> Response:
+    def command(run: RunId, body: CommandIn) -> Response:
         result = service.operator.apply(check_run_id(run), **body.model_dump())
         return _json(result)
 
-    @app.get("/metrics", summary="Prometheus metrics")
+    @app.get(
+        "/metrics",
+        summary="Prometheus metrics",
+        responses={200: {"content": {"text/plain": {}}, "description": "text exposition"}},
+    )
     def metrics() -> Response:
         payload, content_type = service.render_metrics()
         return Response(payload, media_type=content_type)
 
-    @app.get("/healthz", summary="Liveness, store and scheduled jobs")
+    @app.get("/healthz", summary="Liveness, store and scheduled jobs", responses=errors(503))
     def healthz() -> Response:
         health = service.health()
         return _json(health, 503 if health["status"] == "down" else 200)
