@@ -239,17 +239,8 @@ class PrometheusServer:
 
     def stop(self) -> None:
         """Terminate Prometheus (kill it after 10 s); safe to call twice."""
-        if self._proc is not None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(timeout=10)
-            self._proc = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        stop_process(self._proc, self._log)
+        self._proc = self._log = None
 
     def log_tail(self, lines: int = 30) -> str:
         """The last ``lines`` lines Prometheus wrote (stdout and stderr)."""
@@ -311,3 +302,16 @@ class PrometheusServer:
         """Active scrape targets with health and last error, from ``/api/v1/targets``."""
         targets: list[dict[str, Any]] = self.api("targets")["activeTargets"]
         return targets
+
+
+def stop_process(proc: subprocess.Popen[bytes] | None, log: IO[bytes] | None = None) -> None:
+    """Terminate a test's server process (kill it after 10 s) and close its log."""
+    if proc is not None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+    if log is not None:
+        log.close()

@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from deploy_stack import BATCH, DeployedPrometheus, TrainerClient
-from prometheus_server import free_port, http_get, require_binary
+from prometheus_server import free_port, http_get, require_binary, stop_process
 from service_client import HEALTHY, ONSET, SLACK_TOKEN, SPIKING
 from service_process import ServiceProcess
 from slack_emulator import Call, SlackEmulator, running_emulator
@@ -152,17 +152,8 @@ class Alertmanager:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._proc is not None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(timeout=10)
-            self._proc = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        stop_process(self._proc, self._log)
+        self._proc = self._log = None
 
     def log_tail(self, lines: int = 20) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
