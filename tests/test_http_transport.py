@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 import random
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pytest
@@ -23,7 +25,9 @@ from spikewatch.service.registry import RunRegistry
 from spikewatch.service.store import EventStore
 from spikewatch_hooks.demo.corpus import CharCorpus
 from spikewatch_hooks.demo.scenario import DemoSettings, load_corpus, train
+from spikewatch_hooks.distributed import Lockstep
 from spikewatch_hooks.guard import SpikeGuard
+from spikewatch_hooks.options import GuardOptions
 
 
 def _curve(n: int, seed: int = 0) -> list[StepRecord]:
@@ -191,3 +195,15 @@ def test_monitor_url_gives_the_guard_an_http_transport(monkeypatch: pytest.Monke
     guard.transport.close(timeout=0.1)
     with pytest.raises(ConfigError, match=r"monitor_url='http://127\.0\.0\.1:9' is invalid"):
         SpikeGuard(model, opt, monitor_url="http://127.0.0.1:9", distributed=True)
+
+
+def test_an_http_transport_neither_travels_nor_runs_in_lockstep() -> None:
+    t = HttpTransport("http://127.0.0.1:9", run="r", token="t")
+    with pytest.raises(TypeError, match="cannot be pickled into another process"):
+        pickle.dumps(t)  # what Lightning's ddp_spawn would do with the callback
+    model = torch.nn.Linear(2, 1)
+    options = GuardOptions.build(run_id="r", transport=t)
+    stand_in = cast(Lockstep, object())  # any lockstep: every rank would need its own replica
+    with pytest.raises(ConfigError, match=r"under torch\.distributed"):
+        options.engine(model, torch.optim.SGD(model.parameters(), lr=0.1), None, lockstep=stand_in)
+    t.close(timeout=0.1)

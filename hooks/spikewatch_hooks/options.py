@@ -76,6 +76,17 @@ class GuardOptions:
         lockstep: Lockstep | None = None,
     ) -> GuardEngine:
         """Check the live training objects and build the engine on them."""
+        if (lockstep is not None or Lockstep.active()) and not isinstance(
+            self.transport, EmbeddedTransport
+        ):
+            # Every rank must decide alike from the same monitor; a service answers one
+            # client at its own pace, and ranks would hand off at different steps.
+            raise bad_value(
+                "monitor_url",
+                getattr(self.transport, "url", type(self.transport).__name__),
+                "use the embedded monitor (no monitor_url) under torch.distributed: every "
+                "rank runs it in lockstep; service mode for distributed runs is not there yet",
+            )
         check_components(
             model=model,
             optimizer=optimizer,

@@ -103,6 +103,14 @@ class HttpTransport:
         # At exit only deliver: a run that ends by an exception must not look finished.
         atexit.register(self._at_exit)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A thread and a socket cannot travel to another process (Lightning's ddp_spawn
+        # pickles callbacks): say so instead of a pickling error about a lock.
+        raise TypeError(
+            "an HttpTransport (monitor_url=) cannot be pickled into another process: "
+            "under torch.distributed use the embedded monitor (no monitor_url)"
+        )
+
     # -- the training thread ------------------------------------------------------------
     def submit(self, records: Sequence[StepRecord]) -> list[Decision]:
         """Queue records (never blocks on the network); return commands that arrived."""
