@@ -83,8 +83,8 @@ class RunRegistry:
         with self.lock:
             if not batch.steps and run_id not in self.runs and run_id not in self.stale:
                 # Acks or a finish for a run never seen: nothing to keep, no run to create.
-                return {"accepted": 0, "duplicate": False, "commands": [], "skip_threshold": None,
-                        "halted": False, "incidents": 0}  # fmt: skip
+                empty = ServiceRun(run_id, self.config.monitor, recent=1)
+                return self._response(empty, 0, duplicate=False)
             run = self._current(run_id)
             if self._is_retry(run, batch):
                 return self._response(run, 0, duplicate=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from collections import Counter, deque
 from typing import Any
 
@@ -202,8 +201,3 @@ def _last_given(values: list[float | None], default: float | None) -> float | No
         if v is not None:
             return v
     return default
-
-
-def finite_or_none(x: float | None) -> float | None:
-    """JSON-safe for views that promise numbers: NaN/inf become None."""
-    return x if x is not None and math.isfinite(x) else None
