@@ -72,7 +72,8 @@ def test_json_report_shape(spike_csv: Path, capsys: pytest.CaptureFixture[str]) 
 def test_clean_curve_has_no_events(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write_curve(tmp_path / "clean.csv", points=600, spike_at=None)
     assert main(["replay", str(path), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == {"points": 600, "events": []}
+    report = json.loads(capsys.readouterr().out)
+    assert (report["points"], report["events"], report["dropped"]) == (600, [], {})
     assert main(["replay", str(path)]) == 0
     assert capsys.readouterr().out == f"{path} (csv): 600 points, 0 events\n"
 
@@ -191,3 +192,127 @@ def test_console_script(spike_csv: Path) -> None:
     assert missing.returncode == 2
     assert missing.stderr.startswith("spikewatch replay: error: ")
     assert "Traceback" not in missing.stderr
+
+
+# --- sparse metrics, dropped rows, more formats -----------------------------------
+
+DATA = Path(__file__).parent / "data" / "replay"
+
+
+def healthy_rows(points: int, seed: int = 0) -> list[tuple[int, float, float | None]]:
+    """A healthy falling curve whose grad norm is logged every 10th step only."""
+    rng = random.Random(seed)
+    rows = []
+    for step in range(points):
+        loss = 5.0 - 3.0 * step / points + rng.gauss(0, 0.05)
+        grad = 1.0 + 0.1 * rng.random() if step % 10 == 0 else None
+        rows.append((step, round(loss, 5), None if grad is None else round(grad, 4)))
+    return rows
+
+
+def sparse_csv(path: Path, rows: list[tuple[int, float, float | None]]) -> None:
+    lines = ["step,loss,grad_norm,lr"]
+    lines += [f"{s},{loss},{'' if g is None else g},0.001" for s, loss, g in rows]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def sparse_jsonl(path: Path, rows: list[tuple[int, float, float | None]]) -> None:
+    objects = [{"step": s, "loss": loss, **({} if g is None else {"grad_norm": g})}
+               for s, loss, g in rows]  # fmt: skip
+    path.write_text("".join(json.dumps(o) + "\n" for o in objects))
+
+
+def sparse_hf(path: Path, rows: list[tuple[int, float, float | None]]) -> None:
+    history = [{"epoch": s / 300, "learning_rate": 1e-4, "loss": loss, "step": s,
+                **({} if g is None else {"grad_norm": g})} for s, loss, g in rows]  # fmt: skip
+    path.mkdir()
+    (path / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+
+
+@pytest.mark.parametrize(
+    ("writer", "name"),
+    [(sparse_csv, "run.csv"), (sparse_jsonl, "run.jsonl"), (sparse_hf, "checkpoint-300")],
+)
+def test_a_grad_norm_logged_every_10th_step_is_not_a_nan(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], writer: object, name: str
+) -> None:
+    path = tmp_path / name
+    writer(path, healthy_rows(300))  # type: ignore[operator]
+    assert main(["replay", str(path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["points"] == 300
+    actions = [e["action"] for e in report["events"]]
+    assert "halt" not in actions and "skip_step" not in actions, report["events"]
+    assert [e for e in report["events"] if e["kind"] == "nonfinite"] == []
+
+
+def test_dropped_rows_in_text_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "run.jsonl"
+    rows = healthy_rows(300)
+    sparse_jsonl(path, rows)
+    evals = "".join(json.dumps({"step": s, "eval_loss": 2.0}) + "\n" for s in range(0, 300, 25))
+    path.write_text(path.read_text() + evals[:-1])  # + 12 eval lines, the last one cut short
+    path.write_text(path.read_text()[:-3])
+    assert main(["replay", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["dropped"] == {"no loss": 11, "truncated": 1}
+    assert main(["replay", str(path)]) == 0
+    summary = capsys.readouterr().out.splitlines()[-1]
+    assert summary.startswith(f"{path} (jsonl): 300 points, ")
+    assert summary.endswith(", 12 rows dropped (11 no loss, 1 truncated)")
+
+
+def test_text_log_through_the_cli(capsys: pytest.CaptureFixture[str]) -> None:
+    path = DATA / "megatron_pretrain_gpt.log"
+    assert main(["replay", str(path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["points"], report["dropped"]) == (2, {"no loss": 1, "no match": 11})
+    assert main(["replay", str(path)]) == 0
+    assert capsys.readouterr().out == (
+        f"{path} (text:megatron): 2 points, 0 events, 12 rows dropped (1 no loss, 11 no match)\n"
+    )
+
+
+def test_pattern_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "train.log"
+    lines = [f"[rank0] it {s} | loss {loss:.4f}" for s, loss, _ in healthy_rows(300)]
+    lines[150] = "[rank0] it 150 | loss 9.0000"
+    path.write_text("booting\n" + "\n".join(lines) + "\n")
+    argv = ["replay", str(path), "--pattern", r"it (?P<step>\d+) \| loss (?P<loss>\S+)"]
+    assert main([*argv, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["points"] == 300
+    assert [(e["kind"], e["peak_step"]) for e in report["events"]] == [("spike", 150)]
+    assert report["dropped"] == {"no match": 1}
+    assert main([*argv, "--format", "csv"]) == 2
+    assert capsys.readouterr().err == (
+        f"spikewatch replay: error: {path}: --pattern reads plain-text logs, not csv; "
+        "drop --format or --pattern\n"
+    )
+    assert main(["replay", str(path), "--pattern", "it (?P<step>"]) == 2
+    assert capsys.readouterr().err == (
+        "spikewatch replay: error: --pattern 'it (?P<step>': not a valid regular expression "
+        "(missing ), unterminated subpattern at position 3); fix it, e.g. "
+        "'step (?P<step>\\\\d+) loss (?P<loss>\\\\S+)'\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "fmt", "points"),
+    [
+        ("wandb_history.csv", "wandb", 3),
+        ("wandb_chart.csv", "wandb", 3),
+        ("llamafactory_trainer_log.jsonl", "jsonl", 3),
+        ("nanogpt_train.log", "text:nanogpt", 5),
+        ("llmc_train_gpt2py.log", "text:llm.c", 3),
+        ("modded_nanogpt.txt", "text:modded-nanogpt", 3),
+    ],
+)
+def test_real_tool_logs_replay(
+    capsys: pytest.CaptureFixture[str], name: str, fmt: str, points: int
+) -> None:
+    assert main(["replay", str(DATA / name)]) == 0
+    assert (
+        capsys.readouterr()
+        .out.splitlines()[-1]
+        .startswith(f"{DATA / name} ({fmt}): {points} points, ")
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -18,7 +18,7 @@ NAN, INF = math.nan, math.inf
 Write = Callable[[str, str], Path]
 
 
-def same(values: list[float] | None) -> list[str] | None:
+def same(values: Sequence[float | None] | None) -> list[str] | None:
     """Compare float lists with NaN == NaN (``repr`` keeps nan, inf and -inf apart)."""
     return None if values is None else [repr(v) for v in values]
 
@@ -55,8 +55,8 @@ def test_csv_round_trip_keeps_nan_and_inf(write: Write) -> None:
     curve = read_curve(path)
     assert (curve.path, curve.format, curve.steps) == (str(path), "csv", [0, 1, 2])
     assert same(curve.loss) == same([2.5, NAN, INF])
-    assert same(curve.grad_norm) == same([1.0, INF, NAN])
-    assert same(curve.lr) == same([1e-3, 1e-3, NAN])
+    assert same(curve.grad_norm) == same([1.0, INF, None])  # a blank cell is no value
+    assert same(curve.lr) == same([1e-3, 1e-3, None])
 
 
 @pytest.mark.parametrize(
@@ -91,11 +91,12 @@ def test_jsonl_round_trip(write: Write) -> None:
     curve = read_curve(write("log.jsonl", "\n".join(lines)))
     assert (curve.format, curve.steps) == ("jsonl", [1, 2, 3, 4])
     assert same(curve.loss) == same([2.5, NAN, INF, -INF])
-    assert same(curve.grad_norm) == same([1.0, INF, NAN, NAN])
-    assert same(curve.lr) == same([NAN, NAN, 0.1, NAN])
+    assert same(curve.grad_norm) == same([1.0, INF, None, None])  # missing key, null
+    assert same(curve.lr) == same([None, None, 0.1, None])
+    assert curve.dropped == {"no loss": 1, "truncated": 1}
 
 
-def hf_state(history: list[dict[str, object]]) -> str:
+def hf_state(history: Sequence[Mapping[str, object]]) -> str:
     # json.dumps writes NaN/Infinity literals, exactly like the HF Trainer does.
     return json.dumps({"global_step": 30, "log_history": history}, indent=2, sort_keys=True)
 
@@ -113,8 +114,9 @@ def test_hf_trainer_state_round_trip(write: Write) -> None:
         curve = read_curve(source)
         assert (curve.format, curve.steps) == ("hf", [10, 20, 30])
         assert same(curve.loss) == same([2.5, NAN, 2.1])
-        assert same(curve.grad_norm) == same([1.5, INF, NAN])
+        assert same(curve.grad_norm) == same([1.5, INF, None])
         assert curve.lr == [1e-4, 9e-5, 8e-5]
+        assert curve.dropped == {"no loss": 2}  # the eval entry and the final summary
 
 
 @pytest.mark.parametrize(
@@ -165,7 +167,7 @@ def test_tensorboard_scalars_from_tensorboardx(tmp_path: Path, tags: tuple[str, 
         assert (curve.format, curve.steps) == ("tensorboard", [0, 10, 20, 30, 40])
         assert same(curve.loss) == same([f32(v) for v in losses])
         assert curve.grad_norm == [1.0, 2.0, 3.0, 4.0, 5.0]
-        assert same(curve.lr) == same([f32(0.1), NAN, f32(0.1), NAN, f32(0.1)])
+        assert same(curve.lr) == same([f32(0.1), None, f32(0.1), None, f32(0.1)])
 
 
 def test_tensorboard_scalar_tensors(tmp_path: Path) -> None:
@@ -296,10 +298,10 @@ def test_tensorboard_corrupt_record_names_record_and_byte(
          " line 2: not valid JSON (Expecting property name enclosed in double quotes); pass "
          "the trainer_state.json the HF Trainer saves in each checkpoint folder"),
         ("run.dat", "hello\n", None,
-         ": cannot tell the format from the name or content; "
-         "pass --format (one of csv, jsonl, hf, tensorboard)"),
+         ": cannot tell the format from the name or content; pass --format (one of csv, "
+         "wandb, jsonl, hf, tensorboard, text), or --pattern REGEX for a plain-text log"),
         ("run.csv", "step,loss\n1,2\n", "xml",
-         ": format 'xml' is not supported; use one of csv, jsonl, hf, tensorboard"),
+         ": format 'xml' is not supported; use one of csv, wandb, jsonl, hf, tensorboard, text"),
         ("run.csv", "step,loss\n1,2\n", "tensorboard",
          " record 0: the length checksum does not match, so this is not a TensorBoard event "
          "file; pass an events.out.tfevents.* file or choose another --format"),
@@ -346,3 +348,154 @@ def test_tensorboard_errors(tmp_path: Path) -> None:
         f"{tmp_path / 'empty'}: no events.out.tfevents.* file in this folder; "
         "pass the run's log folder or one event file"
     )
+
+
+# --- missing values and dropped rows ---------------------------------------------
+
+DATA = Path(__file__).parent / "data" / "replay"
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("run.csv", "step,loss,grad_norm,lr\n0,2.5,1.0,0.1\n1,2.4,,0.1\n2,2.3,nan,\n"),
+        ("run.jsonl", '{"step": 0, "loss": 2.5, "grad_norm": 1.0, "lr": 0.1}\n'
+                      '{"step": 1, "loss": 2.4, "lr": 0.1}\n'
+                      '{"step": 2, "loss": 2.3, "grad_norm": NaN, "lr": null}\n'),
+        ("trainer_state.json", hf_state([
+            {"grad_norm": 1.0, "learning_rate": 0.1, "loss": 2.5, "step": 0},
+            {"learning_rate": 0.1, "loss": 2.4, "step": 1},
+            {"grad_norm": NAN, "loss": 2.3, "step": 2},
+        ])),
+    ],
+)  # fmt: skip
+def test_not_logged_is_none_and_only_a_nan_literal_is_nan(
+    write: Write, name: str, text: str
+) -> None:
+    curve = read_curve(write(name, text))
+    assert same(curve.grad_norm) == same([1.0, None, NAN])
+    assert same(curve.lr) == same([0.1, 0.1, None])
+    assert curve.dropped == {}
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "dropped"),
+    [
+        ("run.csv", "step,loss,val_loss\n1,2.0,\n1,,2.1\n\n2,1.9,\n3,,\n", {"no loss": 2}),
+        ("run.jsonl", '{"step": 1, "loss": 2.0}\n{"step": 1, "eval_loss": 2.1}\n'
+                      '{"step": 2, "loss": null}\n{"step": 3, "loss": 1.9}\n{"step": 4, "lo',
+         {"no loss": 2, "truncated": 1}),
+        ("trainer_state.json", hf_state([
+            {"loss": 2.0, "step": 1}, {"eval_loss": 2.1, "step": 1}, {"loss": 1.9, "step": 2},
+            {"step": 2, "train_loss": 2.0, "train_runtime": 3.0},
+        ]), {"no loss": 2}),
+    ],
+)  # fmt: skip
+def test_rows_without_a_loss_are_dropped_and_counted(
+    write: Write, name: str, text: str, dropped: dict[str, int]
+) -> None:
+    assert read_curve(write(name, text)).dropped == dropped
+
+
+def test_json_null_loss_is_no_value_not_nan(write: Write) -> None:
+    curve = read_curve(write("run.jsonl", '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": null}\n'))
+    assert (curve.steps, curve.dropped) == ([1], {"no loss": 1})
+
+
+# --- LLaMA-Factory, W&B -----------------------------------------------------------
+
+
+def test_llamafactory_trainer_log() -> None:
+    curve = read_curve(DATA / "llamafactory_trainer_log.jsonl")
+    assert (curve.format, curve.steps) == ("jsonl", [5, 10, 15])
+    assert curve.loss == [2.3456, 2.1032, 1.9874]
+    assert curve.grad_norm == [None, None, 0.8123]
+    assert curve.lr == [4.9e-05, 4.5e-05, 3.9e-05]
+    assert curve.dropped == {"no loss": 1}  # the eval line of step 10
+
+
+def test_wandb_history_export() -> None:
+    curve = read_curve(DATA / "wandb_history.csv")
+    # train/global_step is the trainer's step; _step only counts wandb.log calls.
+    assert (curve.format, curve.steps) == ("wandb", [10, 20, 30])
+    assert curve.loss == [2.5012, 2.4103, 2.3377]
+    assert curve.grad_norm == [1.2034, None, 1.0981]
+    assert curve.lr == [5e-05, 4.9e-05, 4.8e-05]
+    assert curve.dropped == {"no loss": 1}
+
+
+def test_wandb_chart_export_skips_min_max_columns(write: Write) -> None:
+    curve = read_curve(DATA / "wandb_chart.csv")
+    assert (curve.format, curve.steps) == ("wandb", [10, 20, 40])
+    assert curve.loss == [2.5012, 2.4103, 2.3377]
+    assert curve.dropped == {"no loss": 1}
+    # The band columns first: still the metric column is read, never __MIN or __MAX.
+    text = "Step,r - train/loss__MIN,r - train/loss__MAX,r - train/loss\n1,1.0,3.0,2.0\n"
+    assert read_curve(write("chart.csv", text)).loss == [2.0]
+
+
+def test_wandb_chart_export_of_several_runs_is_refused(write: Write) -> None:
+    path = write("chart.csv", "Step,a - train/loss,a - train/loss__MIN,b - train/loss\n1,2,1,3\n")
+    assert read_error(path) == (
+        f"{path} line 1: a W&B chart export of 2 runs ('a', 'b'); export the chart with one "
+        "run shown, or keep only the Step column and one run's columns"
+    )
+
+
+# --- HF output folders ------------------------------------------------------------
+
+
+def write_checkpoint(folder: Path, last_step: int) -> None:
+    folder.mkdir(parents=True)
+    history = [{"loss": 3.0 - s / 1000, "step": s} for s in range(100, last_step + 1, 100)]
+    (folder / "trainer_state.json").write_text(hf_state(history))
+
+
+@pytest.mark.parametrize(("top_level", "expected_last"), [(None, 1000), (1100, 1100), (700, 1000)])
+def test_hf_output_folder_reads_the_longest_state(
+    tmp_path: Path, top_level: int | None, expected_last: int
+) -> None:
+    for n in (500, 900, 1000):  # 1000 > 900 as numbers, not as text
+        write_checkpoint(tmp_path / f"checkpoint-{n}", n)
+    (tmp_path / "runs").mkdir()  # the Trainer's TensorBoard folder: not preferred
+    if top_level is not None:
+        (tmp_path / "trainer_state.json").unlink(missing_ok=True)
+        history = [{"loss": 2.0, "step": s} for s in range(100, top_level + 1, 100)]
+        (tmp_path / "trainer_state.json").write_text(hf_state(history))
+    curve = read_curve(tmp_path)
+    assert (curve.format, curve.steps[-1]) == ("hf", expected_last)
+
+
+def test_folder_with_neither_checkpoints_nor_events(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("hello\n")
+    assert read_error(tmp_path) == (
+        f"{tmp_path}: no trainer_state.json, checkpoint-N/trainer_state.json or "
+        "events.out.tfevents.* file in this folder; pass the run's output or log folder"
+    )
+    assert read_error(tmp_path, "hf") == (
+        f"{tmp_path}: no trainer_state.json and no checkpoint-N/trainer_state.json in this "
+        "folder; pass the Trainer's output_dir or one checkpoint folder"
+    )
+
+
+# --- detection does not confuse formats ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "expected"),
+    [
+        ("metrics.log", "step,loss\n1,2.0\n", "csv"),
+        ("metrics.txt", "iter,loss\n1,2.0\n2,1.9\n", "csv"),
+        ("export.txt", ",_step,train/loss,_runtime\n0,1,2.0,3.1\n", "wandb"),
+        ("train.out", "tokens per iteration will be: 16,384\niter 0: loss 4.2654, time 9.7ms\n",
+         "text:nanogpt"),
+        ("notes.log", "iter 0: loss 4.2654, time 9.7ms, mfu 1.00%\n", "text:nanogpt"),
+    ],
+)  # fmt: skip
+def test_content_sniffing(write: Write, name: str, text: str, expected: str) -> None:
+    assert read_curve(write(name, text)).format == expected
+
+
+def test_free_text_is_not_taken_for_csv(write: Write) -> None:
+    path = write("notes.log", "epoch 1, step 10, loss 2.3\nepoch 1, step 20, loss 2.2, lr 0.1\n")
+    assert read_error(path).startswith(f"{path}: cannot tell the format")

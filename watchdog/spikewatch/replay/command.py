@@ -101,6 +101,9 @@ def format_summary(curve: Curve, report: ReplayReport) -> str:
         >>> curve = Curve(path="run.csv", format="csv", steps=[1, 2], loss=[2.0, 1.9])
         >>> format_summary(curve, ReplayReport(points=2))
         'run.csv (csv): 2 points, 0 events'
+        >>> curve.dropped = {"no loss": 3}
+        >>> format_summary(curve, ReplayReport(points=2))
+        'run.csv (csv): 2 points, 0 events, 3 rows dropped (3 no loss)'
     """
     events = len(report.events)
     text = f"{curve.path} ({curve.format}): {report.points} points, {events} event"
@@ -108,7 +111,16 @@ def format_summary(curve: Curve, report: ReplayReport) -> str:
     counts = Counter(e.action for e in report.events)
     if counts:
         text += " (" + ", ".join(f"{n} {a}" for a, n in sorted(counts.items())) + ")"
-    return text
+    return text + _dropped_text(curve)
+
+
+def _dropped_text(curve: Curve) -> str:
+    """``", 12 rows dropped (12 no loss)"``, or nothing when every row became a point."""
+    total = sum(curve.dropped.values())
+    if not total:
+        return ""
+    reasons = ", ".join(f"{n} {why}" for why, n in sorted(curve.dropped.items()))
+    return f", {total} row{'' if total == 1 else 's'} dropped ({reasons})"
 
 
 def _check_plot_path(plot: str | None) -> None:
@@ -129,8 +141,18 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="find loss spikes in a logged training curve",
         description="Replay a logged curve through the monitor and list what it would flag.",
     )
-    parser.add_argument("path", help="CSV, JSONL, trainer_state.json, or TensorBoard file/folder")
+    parser.add_argument(
+        "path",
+        help="CSV/W&B export, JSONL, trainer_state.json or HF output folder, TensorBoard "
+        "file/folder, or a nanoGPT/llm.c/modded-nanogpt/Megatron text log",
+    )
     parser.add_argument("--format", choices=FORMATS, help="file format (default: detect)")
+    parser.add_argument(
+        "--pattern",
+        metavar="REGEX",
+        help="read a plain-text log: a regex searched in each line, with named groups "
+        "step and loss (optional: grad_norm, lr), e.g. 'step (?P<step>\\d+) loss (?P<loss>\\S+)'",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--plot", metavar="FILE.png", help="also save a plot of curve and events")
     parser.add_argument("--no-progress", action="store_true", help="never show a progress bar")
@@ -143,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
     from spikewatch.replay.analyze import analyze  # noqa: PLC0415
 
     _check_plot_path(args.plot)
-    curve = read_curve(args.path, format=args.format)
+    curve = read_curve(args.path, format=args.format, pattern=args.pattern)
     show = not args.no_progress and sys.stderr.isatty() and len(curve) > PROGRESS_MIN_POINTS
     bar = ProgressBar(sys.stderr) if show else None
     try:
@@ -154,7 +176,8 @@ def run(args: argparse.Namespace) -> int:
     if args.plot is not None:
         _save_plot(curve, report, args.plot)
     if args.json:
-        sys.stdout.write(json.dumps(report.to_json(), allow_nan=False, indent=2) + "\n")
+        output = {**report.to_json(), "dropped": curve.dropped}  # rows not read, by reason
+        sys.stdout.write(json.dumps(output, allow_nan=False, indent=2) + "\n")
     else:
         table = format_table(report) + "\n" if report.events else ""
         sys.stdout.write(table + format_summary(curve, report) + "\n")

@@ -13,16 +13,21 @@ from spikewatch.incidents import Incident
 class Curve:
     """A logged training curve, one entry per logged step (steps strictly increasing).
 
-    ``grad_norm`` / ``lr`` are None when the file has no such column; single missing
-    entries inside a present column are NaN.
+    ``grad_norm`` / ``lr`` are None when the file has no such column; inside a present
+    column an entry is None where nothing was logged at that step (a blank cell, a
+    missing key, a JSON null): a grad norm logged every 10th step is not a NaN on the
+    other nine. Only a logged ``nan``/``inf`` is a non-finite value.
     """
 
     path: str
     format: str
     steps: list[int]
     loss: list[float]
-    grad_norm: list[float] | None = None
-    lr: list[float] | None = None
+    grad_norm: list[float | None] | None = None
+    lr: list[float | None] | None = None
+    dropped: dict[str, int] = field(default_factory=dict)
+    """Rows (lines, entries) of the file that did not become points, counted by reason,
+    e.g. ``{"no loss": 12}`` for evaluation rows; shown by `spikewatch replay`."""
 
     def __len__(self) -> int:
         return len(self.steps)

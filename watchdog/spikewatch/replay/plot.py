@@ -63,13 +63,22 @@ def _draw_loss(ax: Axes, curve: Curve, handles: list[Artist]) -> None:
     ax.margins(x=0.01)
 
 
+def _logged(curve: Curve) -> tuple[list[int], list[float]]:
+    """The steps a grad norm was logged at and its values (a sparse column's gaps dropped,
+    so a grad norm logged every 10th step still draws as a line)."""
+    pairs = [
+        (s, v) for s, v in zip(curve.steps, curve.grad_norm or [], strict=False) if v is not None
+    ]
+    return [s for s, _ in pairs], [v for _, v in pairs]
+
+
 def _draw_grad_norm(ax: Axes, curve: Curve, handles: list[Artist]) -> Axes | None:
-    grads = curve.grad_norm
-    if grads is None or not any(math.isfinite(v) for v in grads):
+    steps, grads = _logged(curve)
+    if not any(math.isfinite(v) for v in grads):
         return None
     grad_ax = ax.twinx()
     (line,) = grad_ax.plot(
-        curve.steps, _finite(grads), lw=0.5, alpha=0.45, color=_GRAD_COLOR, label="grad norm"
+        steps, _finite(grads), lw=0.5, alpha=0.45, color=_GRAD_COLOR, label="grad norm"
     )
     handles.append(line)
     if _wants_log(grads):
@@ -99,8 +108,8 @@ def _draw_event(ax: Axes, grad_ax: Axes | None, curve: Curve, event: ReplayEvent
     ax.axvspan(event.onset_step - pad, end + pad, color=color, alpha=alpha, lw=0, zorder=1)
     on_grad = event.metric == "grad_norm" and grad_ax is not None
     target = grad_ax if on_grad and grad_ax is not None else ax
-    series = curve.grad_norm if on_grad else curve.loss
-    y = _peak_value(curve.steps, series, event.peak_step)
+    steps, series = _logged(curve) if on_grad else (curve.steps, curve.loss)
+    y = _peak_value(steps, series, event.peak_step)
     if math.isfinite(y):
         target.plot([event.peak_step], [y], marker="v", ms=8, color=color, mec="black", zorder=5)
     else:

@@ -1,0 +1,1 @@
+"""One module per curve format, all building a `Curve` through one `CurveBuilder`."""
