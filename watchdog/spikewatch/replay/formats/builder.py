@@ -69,7 +69,16 @@ def pick(names: Iterable[str], role: str) -> str | None:
 
 
 def read_text(path: Path, name: str) -> str:
-    """The file's text (UTF-8, BOM dropped); a one-line error if it is unreadable or empty."""
+    """The file's text (UTF-8, BOM dropped); a one-line error if it is unreadable or empty.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     path = pathlib.Path(tmp, "run.csv")
+        ...     _ = path.write_bytes(b"\\xef\\xbb\\xbfstep,loss\\n")
+        ...     read_text(path, "run.csv")
+        'step,loss\\n'
+    """
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -140,7 +149,7 @@ class CurveBuilder:
             return raw
         value = None if isinstance(raw, bool) else self.number(where, "step", raw)
         if value is None or not (math.isfinite(value) and value == int(value)):
-            fix = f"fix the value or remove the {self.unit}"
+            fix = self.value_fix or f"fix the value or remove the {self.unit}"
             raise self.fail(where, f"step={raw!r} is not a whole number", fix)
         return int(value)
 

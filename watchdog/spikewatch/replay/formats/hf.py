@@ -22,7 +22,18 @@ _STATE_FIX = "pass the trainer_state.json the HF Trainer saves in each checkpoin
 
 
 def checkpoint_states(folder: Path) -> list[tuple[int, Path]]:
-    """``(N, path)`` of every ``checkpoint-N/trainer_state.json`` in ``folder``, by N."""
+    """``(N, path)`` of every ``checkpoint-N/trainer_state.json`` in ``folder``, by N.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     for n in (900, 1000, 50):
+        ...         pathlib.Path(tmp, f"checkpoint-{n}").mkdir()
+        ...         _ = pathlib.Path(tmp, f"checkpoint-{n}", STATE_FILE).write_text("{}")
+        ...     pathlib.Path(tmp, "checkpoint-best").mkdir()
+        ...     [n for n, _ in checkpoint_states(pathlib.Path(tmp))], has_state(pathlib.Path(tmp))
+        ([50, 900, 1000], True)
+    """
     found = []
     for child in folder.iterdir():
         match = _CHECKPOINT.fullmatch(child.name)

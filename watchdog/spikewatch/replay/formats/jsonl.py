@@ -18,6 +18,13 @@ def json_rows(name: str, text: str, build: CurveBuilder) -> Iterator[tuple[int, 
 
     A last line cut off mid-object (the writer was stopped) is counted as dropped, not
     an error: the lines before it are good data.
+
+    Example:
+        >>> build = CurveBuilder(name="log.jsonl", unit="line")
+        >>> list(json_rows("log.jsonl", '{"step": 1}\\n\\n{"step": 2, "lo', build))
+        [(1, {'step': 1})]
+        >>> dict(build.dropped)
+        {'truncated': 1}
     """
     lines = text.splitlines()
     for number, line in enumerate(lines, start=1):

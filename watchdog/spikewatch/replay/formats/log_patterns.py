@@ -64,11 +64,15 @@ class LogPattern:
 
 
 def _builtin(name: str, line: str, **fields: str) -> LogPattern:
-    n = NUMBER
+    """A built-in pattern; ``{n}`` in a regex stands for `NUMBER`."""
+
+    def compile_(regex: str) -> re.Pattern[str]:
+        return re.compile(regex.replace("{n}", NUMBER))
+
     return LogPattern(
         format=f"text:{name}",
-        line=re.compile(line.format(n=n)),
-        fields={role: re.compile(regex.format(n=n)) for role, regex in fields.items()},
+        line=compile_(line),
+        fields={role: compile_(regex) for role, regex in fields.items()},
     )
 
 

@@ -25,7 +25,18 @@ def header_roles(header: Sequence[str], *, where: str) -> dict[str, int]:
 
 
 def read_csv(path: Path, name: str) -> Curve:
-    """Read a CSV or TSV curve; the format is ``"wandb"`` for a W&B export."""
+    """Read a CSV or TSV curve; the format is ``"wandb"`` for a W&B export.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     path = pathlib.Path(tmp, "export.csv")
+        ...     _ = path.write_text(",_step,train/loss,train/grad_norm,_runtime\\n"
+        ...                         "0,0,2.5,1.0,1.2\\n1,1,2.4,,2.3\\n2,2,,,2.4\\n")
+        ...     curve = read_csv(path, str(path))
+        >>> curve.format, curve.steps, curve.grad_norm, curve.dropped
+        ('wandb', [0, 1], [1.0, None], {'no loss': 1})
+    """
     lines = read_text(path, name).splitlines()
     first = next(i for i, line in enumerate(lines) if line.strip())
     delimiter = "\t" if "\t" in lines[first] and "," not in lines[first] else ","

@@ -27,7 +27,24 @@ def _series(files: list[Path]) -> dict[str, list[tuple[Path, ScalarEvent]]]:
 
 
 def read_tensorboard(path: Path, name: str) -> Curve:
-    """Read an event file, or the event files of one run folder (oldest first)."""
+    """Read an event file, or the event files of one run folder (oldest first).
+
+    Example (one record by hand: ``Event{step: 7, summary: {value: {tag: "loss",
+    simple_value: 2.5}}}``; real files come from TensorBoard or tensorboardX):
+        >>> import pathlib, struct, tempfile
+        >>> from spikewatch.replay.tensorboard import masked_crc32c
+        >>> value = b"\\x0a\\x04loss\\x15" + struct.pack("<f", 2.5)
+        >>> payload = b"\\x10\\x07\\x2a" + bytes([len(value) + 2, 0x0A, len(value)]) + value
+        >>> length = struct.pack("<Q", len(payload))
+        >>> record = (length + struct.pack("<I", masked_crc32c(length)) + payload
+        ...           + struct.pack("<I", masked_crc32c(payload)))
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     path = pathlib.Path(tmp, "events.out.tfevents.1")
+        ...     _ = path.write_bytes(record)
+        ...     curve = read_tensorboard(path, str(path))
+        >>> curve.steps, curve.loss, curve.grad_norm
+        ([7], [2.5], None)
+    """
     files = tensorboard.find_event_files(path)
     if all(file.stat().st_size == 0 for file in files):
         raise ReplayInputError(f"{name}: the file is empty; point at the file the run logged to")
