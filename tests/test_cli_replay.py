@@ -316,3 +316,10 @@ def test_real_tool_logs_replay(
         .out.splitlines()[-1]
         .startswith(f"{DATA / name} ({fmt}): {points} points, ")
     )
+
+
+def test_plot_of_a_sparse_grad_norm(tmp_path: Path) -> None:
+    path, png = tmp_path / "run.csv", tmp_path / "run.png"
+    sparse_csv(path, healthy_rows(300))  # grad norm None on 9 steps of 10
+    assert main(["replay", str(path), "--plot", str(png), "--json"]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
