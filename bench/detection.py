@@ -1,10 +1,13 @@
 """Detection benchmark: spikewatch against three frameworks' spike rules on labelled curves.
 
 Run ``python bench/detection.py [--curves DIR] [--json]``. DIR holds ``*.csv`` curves and
-``labels.json`` (default: ``../shared/curves`` next to the repository). Every detector sees
-each curve's logged losses once, in order; `scoring` explains how alarms are counted.
-"Ours" is the full replay pipeline (`spikewatch.replay.analyze.analyze`): its alarms are the
-``detected_step`` of its loss events, and its ``rollback`` actions are counted as well.
+``labels.json`` (default: ``bench/curves``, shipped with the repository; see its SOURCES.md).
+Every detector sees each curve's logged losses once, in order; `scoring` explains how alarms
+are counted. "Ours" is the full replay pipeline (`spikewatch.replay.analyze.analyze`): its
+alarms are the ``detected_step`` of its loss events, and its ``rollback`` actions are
+counted as well. Ours also replays *rounded* variants of every curve (loss and grad norm
+rounded to 4 and to 2 decimals, as the HF Trainer and llm.c print them), scored against
+the same labels: logs that coarse must not cost a rollback.
 The run ends with timings: the ``spikewatch replay --json`` command end to end, one
 `RobustSpikeDetector.update` call, and the pipeline per logged record.
 """
@@ -12,6 +15,7 @@ The run ends with timings: the ``spikewatch replay --json`` command end to end, 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -30,9 +34,11 @@ if TYPE_CHECKING:
     from spikewatch.replay.model import Curve
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CURVES = REPO_ROOT.parent / "shared" / "curves"
+DEFAULT_CURVES = REPO_ROOT / "bench" / "curves"
 TIMING_CURVE = "mng_scaleup_1p5b_20344"
 OURS = "ours"
+#: Decimals of the rounded variants: the HF Trainer logs 4, llm.c prints the grad norm with 2.
+ROUNDINGS = (4, 2)
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,20 @@ def load_curves(curves_dir: Path) -> list[LabelledCurve]:
     return curves
 
 
+def rounded(item: LabelledCurve, decimals: int) -> LabelledCurve:
+    """The curve as a log printed with ``decimals`` decimals would hold it (same labels)."""
+
+    def fix(values: Sequence[float | None]) -> list[float | None]:
+        return [None if v is None else round(v, decimals) for v in values]
+
+    curve = item.curve
+    changes: dict[str, Any] = {"loss": [round(v, decimals) for v in curve.loss]}
+    if curve.grad_norm is not None:
+        changes["grad_norm"] = fix(curve.grad_norm)
+    copy = dataclasses.replace(curve, **changes)
+    return LabelledCurve(item.name, copy, item.labels)
+
+
 def run_ours(item: LabelledCurve) -> Run:
     """Replay the curve through the full pipeline and score its loss alarms."""
     from spikewatch.replay.analyze import analyze  # noqa: PLC0415
@@ -100,6 +120,11 @@ def evaluate(curves: Sequence[LabelledCurve]) -> dict[str, dict[str, Run]]:
     return runs
 
 
+def evaluate_rounded(curves: Sequence[LabelledCurve]) -> dict[int, dict[str, Run]]:
+    """Our runs on the rounded variants: by decimals, then by curve name."""
+    return {d: {c.name: run_ours(rounded(c, d)) for c in curves} for d in ROUNDINGS}
+
+
 def rates(runs: Sequence[Run]) -> dict[str, Any]:
     """Pooled rates of some runs plus their rollback total (0 for a baseline)."""
     out: dict[str, Any] = summarize(r.score for r in runs).to_json()
@@ -118,6 +143,23 @@ def per_curve(runs: dict[str, dict[str, Run]]) -> dict[str, dict[str, Any]]:
                 "false_alarms": run.score.false_alarms,
                 "borderline_alarms": run.score.borderline_alarms,
             }
+    return table
+
+
+def rounded_per_curve(
+    raw: dict[str, Run], variants: dict[int, dict[str, Run]]
+) -> dict[str, dict[str, Any]]:
+    """For each curve: hits, false alarms and rollbacks of ours, raw and per rounding."""
+
+    def cell(run: Run) -> dict[str, Any]:
+        score = run.score
+        return {"hits": score.hits, "false_alarms": score.false_alarms, "rollbacks": run.rollbacks}
+
+    table: dict[str, dict[str, Any]] = {}
+    for curve, run in raw.items():
+        row = {"points": run.score.points, "spikes": run.score.spans, "raw": cell(run)}
+        row |= {str(d): cell(by_curve[curve]) for d, by_curve in variants.items()}
+        table[curve] = row
     return table
 
 
@@ -213,8 +255,40 @@ def curve_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def rounded_table(result: dict[str, Any]) -> str:
+    """Ours on the raw curves and on each rounding: pooled rates and rollbacks."""
+    lines = [
+        f"{'curves':<20}{'precision':>10}{'recall':>8}{'F1':>8}"
+        f"{'med.delay':>11}{'FA/10k clean':>14}{'rollbacks':>11}"
+    ]
+    rows = {"raw": result[OURS]} | {f"{d} decimals": r for d, r in result["rounded"].items()}
+    for name, r in rows.items():
+        lines.append(
+            f"{name:<20}{_fmt(r['precision']):>10}{_fmt(r['recall']):>8}{_fmt(r['f1']):>8}"
+            f"{_fmt(r['median_delay'], 1):>11}{_fmt(r['false_alarms_per_10k'], 2):>14}"
+            f"{r['rollbacks']:>11}"
+        )
+    return "\n".join(lines)
+
+
+def rounded_curve_table(result: dict[str, Any]) -> str:
+    """One row per curve; each cell reads ``hits/spikes false-alarms rollbacks``."""
+    variants = ["raw", *(str(d) for d in ROUNDINGS)]
+    names = {"raw": "raw", **{str(d): f"{d} decimals" for d in ROUNDINGS}}
+    head = f"{'curve':<32}{'points':>7}" + "".join(f"{names[v]:>20}" for v in variants)
+    lines = [head]
+    for curve, row in result["rounded_per_curve"].items():
+        cells = "".join(
+            f"{row[v]['hits']:>9}/{row['spikes']:<3}{row[v]['false_alarms']:>4}"
+            f"{row[v]['rollbacks']:>4}"
+            for v in variants
+        )
+        lines.append(f"{curve:<32}{row['points']:>7}{cells}")
+    return "\n".join(lines)
+
+
 def report_text(result: dict[str, Any]) -> str:
-    """The human-readable report: per-curve table, overall table, timings."""
+    """The human-readable report: per-curve tables, overall tables, timings."""
     replay = result["replay_seconds_20344"]
     return "\n".join(
         [
@@ -225,6 +299,13 @@ def report_text(result: dict[str, Any]) -> str:
             "",
             "overall (delay in steps; FA/10k counted on the clean curves only)",
             overall_table(result),
+            "",
+            "ours on rounded logs, per curve (cells: hits/labelled spikes, false alarms, "
+            "rollbacks)",
+            rounded_curve_table(result),
+            "",
+            "ours on rounded logs, overall (loss and grad norm rounded as printed)",
+            rounded_table(result),
             "",
             f"spikewatch replay {TIMING_CURVE}.csv --json: "
             + ("failed" if replay is None else f"{replay:.2f} s end to end"),
@@ -243,8 +324,11 @@ def benchmark(curves_dir: Path) -> dict[str, Any]:
     result: dict[str, Any] = {"curves_dir": str(curves_dir)}
     result[OURS] = rates(list(runs[OURS].values()))
     result["baselines"] = {n: rates(list(runs[n].values())) for n in runs if n != OURS}
+    variants = evaluate_rounded(curves)
+    result["rounded"] = {str(d): rates(list(v.values())) for d, v in variants.items()}
     result.update(measure(curves_dir, curves))
     result["per_curve"] = per_curve(runs)
+    result["rounded_per_curve"] = rounded_per_curve(runs[OURS], variants)
     return result
 
 

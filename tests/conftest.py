@@ -6,9 +6,16 @@ import random
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# Property tests check invariants, not speed: on a loaded 2-core machine Hypothesis's
+# default 200 ms deadline fails healthy examples, so no example has a deadline.
+settings.register_profile("spikewatch", deadline=None)
+settings.load_profile("spikewatch")
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_CURVES = REPO.parent / "shared" / "curves"
+#: The labelled real training curves shipped with the repository (see its SOURCES.md).
+CURVES = REPO / "bench" / "curves"
 
 
 def falling_curve(n: int, *, seed: int = 0, start: float = 4.0, noise: float = 0.03) -> list[float]:

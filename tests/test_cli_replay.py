@@ -38,7 +38,12 @@ def spike_csv(tmp_path: Path) -> Path:
 def test_text_report_lists_the_spike(spike_csv: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["replay", str(spike_csv)]) == 0
     out, err = capsys.readouterr()
-    header, row, summary = out.splitlines()
+    header, row, _, title, head, first, second, _, summary = out.splitlines()
+    assert title == "decisions"  # the timeline: streaming alarm, then its confirmation
+    assert head.split()[:7] == ["step", "action", "metric", "signal", "restore", "lr", "incident"]
+    assert first.split()[:7] == ["300", "watch", "loss", "spike", "-", "1", "loss-spike-300"]
+    assert second.split()[:2] == ["308", "watch"]
+    assert head.index("incident") == first.index("loss-spike-300")  # columns line up
     assert header.split() == [
         "kind",
         "metric",

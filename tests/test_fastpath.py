@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import math
 import random
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import CURVES
 from spikewatch.monitor import Monitor
 from spikewatch.records import StepRecord
 from spikewatch.replay.readers import read_curve
-
-CURVES = Path(__file__).resolve().parents[2] / "shared" / "curves"
 
 
 def _assert_same(records: list[StepRecord], chunks: list[int]) -> int:
@@ -31,7 +29,9 @@ def _assert_same(records: list[StepRecord], chunks: list[int]) -> int:
     return len(want)
 
 
-def _stream(seed: int, n: int, events: list[tuple[str, int]], grad_every: int) -> list[StepRecord]:
+def _stream(
+    seed: int, n: int, events: list[tuple[str, int]], grad_every: int, decimals: int | None = None
+) -> list[StepRecord]:
     rng = random.Random(seed)
     out = []
     shift = 0.0
@@ -48,6 +48,8 @@ def _stream(seed: int, n: int, events: list[tuple[str, int]], grad_every: int) -
                 shift += 1.0
             elif kind == "drift" and t >= at:
                 loss += 0.004 * (t - at)
+        if decimals is not None:  # a rounded log: the resolution floor decides the spread
+            loss, grad = round(loss, decimals), round(grad, decimals)
         has_grad = grad_every and t % grad_every != 1
         out.append(StepRecord(run="r", step=t, loss=loss, grad_norm=grad if has_grad else None))
     return out
@@ -62,11 +64,16 @@ event = st.tuples(st.sampled_from(["spike", "nan", "shift", "drift"]), st.intege
     events=st.lists(event, max_size=5),
     chunks=st.lists(st.integers(1, 700), max_size=6),
     grad_every=st.sampled_from([0, 1, 7]),
+    decimals=st.sampled_from([None, 4, 2, 1]),
 )
 def test_bulk_equals_streaming_on_any_stream(
-    seed: int, events: list[tuple[str, int]], chunks: list[int], grad_every: int
+    seed: int,
+    events: list[tuple[str, int]],
+    chunks: list[int],
+    grad_every: int,
+    decimals: int | None,
 ) -> None:
-    _assert_same(_stream(seed, 1000, events, grad_every), chunks)
+    _assert_same(_stream(seed, 1000, events, grad_every, decimals), chunks)
 
 
 @pytest.mark.parametrize(
@@ -77,12 +84,38 @@ def test_bulk_equals_streaming_on_any_stream(
         "hf_mistral7b_lora_sft_866.csv",
     ],
 )
-def test_bulk_equals_streaming_on_real_curves(name: str) -> None:
+@pytest.mark.parametrize("decimals", [None, 2])
+def test_bulk_equals_streaming_on_real_curves(name: str, decimals: int | None) -> None:
     curve = read_curve(CURVES / name)
     grads = curve.grad_norm
+
+    def rounded(x: float | None) -> float | None:
+        return x if x is None or decimals is None else round(x, decimals)
+
     records = [
-        StepRecord(run="r", step=s, loss=v, grad_norm=None if grads is None else grads[i])
+        StepRecord(
+            run="r",
+            step=s,
+            loss=v if decimals is None else round(v, decimals),
+            grad_norm=None if grads is None else rounded(grads[i]),
+        )
         for i, (s, v) in enumerate(zip(curve.steps, curve.loss, strict=True))
     ]
     decisions = _assert_same(records, [500] * (len(records) // 500))
     assert decisions > 0  # the curves have labelled spikes: the comparison covers signals
+
+
+def _plateaus(seed: int) -> list[StepRecord]:
+    """A 4-decimal log that repeats one value for hundreds of steps, then moves."""
+    rng = random.Random(seed)
+    loss = [0.0001] * 300 + [0.0002] * 200 + [0.0009] + [0.0002] * 99
+    loss += [round(2e-4 + rng.gauss(0, 3e-5), 4) for _ in range(400)]
+    grads = [0.25] * 400 + [round(0.25 + rng.gauss(0, 0.004), 2) for _ in range(600)]
+    return [StepRecord(run="r", step=t, loss=x, grad_norm=g)
+            for t, (x, g) in enumerate(zip(loss, grads, strict=True))]  # fmt: skip
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bulk_equals_streaming_on_plateaus_of_one_repeated_value(seed: int) -> None:
+    # The resolution is unknown on a plateau: both paths fall back to its decimals.
+    assert _assert_same(_plateaus(seed), [250, 300]) > 0

@@ -3,6 +3,8 @@ from __future__ import annotations
 import math
 import random
 
+import pytest
+
 from conftest import falling_curve
 from spikewatch.monitor import Monitor
 from spikewatch.records import StepRecord
@@ -76,15 +78,97 @@ def test_rewinding_state_replays_identically() -> None:
     assert any(d.action == "rollback" for ds in first for d in ds)
 
 
-def test_flush_confirms_a_spike_at_the_end_of_the_data() -> None:
+def test_flush_leaves_a_candidate_at_the_end_of_the_data_unresolved() -> None:
     xs = falling_curve(300)
     xs[297] += 3.0
     mon = Monitor()
     _feed(mon, xs)
     assert mon.incidents[0].status == "open"
-    mon.flush()
+    [unresolved] = mon.flush()
     inc = mon.incidents[0]
-    assert (inc.status, inc.peak_step, inc.end_step, inc.transient) == ("closed", 297, 297, True)
+    assert unresolved is inc
+    assert (inc.status, inc.onset_step, inc.peak_step, inc.end_step) == (
+        "unresolved",
+        297,
+        297,
+        None,
+    )
+    assert inc.action == "watch"  # no data after it: nothing to confirm, nothing decided
+
+
+def test_flush_never_turns_a_jump_at_the_end_into_a_rollback() -> None:
+    xs = falling_curve(300)
+    xs[290:] = [x + 3.0 for x in xs[290:]]  # 10 elevated values: short of a level shift
+    mon = Monitor()
+    _feed(mon, xs)
+    mon.flush()
+    [inc] = mon.incidents
+    assert (inc.status, inc.onset_step, inc.action) == ("unresolved", 290, "watch")
+
+
+def test_flush_after_a_confirmed_episode_changes_nothing() -> None:
+    xs = falling_curve(300)
+    xs[200] += 3.0
+    mon = Monitor()
+    _feed(mon, xs)
+    assert mon.flush() == []
+    assert [i.status for i in mon.incidents] == ["closed"]
+
+
+def _zero_grads(n: int, *, seed: int) -> list[float | None]:
+    """Grad norms as DeepSpeed/HF log them: 0.0 at ~70 % of the steps (not measured)."""
+    rng = random.Random(seed)
+    return [0.0 if rng.random() < 0.7 else 1.0 + rng.gauss(0, 0.05) for _ in range(n)]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_zero_grad_norm_next_to_a_finite_loss_is_not_measured(seed: int) -> None:
+    grads = _zero_grads(1000, seed=seed)
+    mon = Monitor()
+    assert _feed(mon, falling_curve(1000, seed=seed), grads) == []  # type: ignore[arg-type]
+    assert mon.incidents == []
+    assert mon.grad_norm.spike.baseline > 0.9  # the zeros stayed out of the baseline
+
+
+def test_a_real_grad_spike_among_zero_grad_norms_still_skips() -> None:
+    grads = _zero_grads(400, seed=4)
+    grads[300] = 40.0
+    got = _feed(Monitor(), falling_curve(400), grads)  # type: ignore[arg-type]
+    # Confirmed after 8 *measured* grad norms: the zeros in between do not count.
+    assert [row[1:] for row in got] == [("skip_step", "spike", "grad_norm"),
+                                        ("watch", "spike", "grad_norm")]  # fmt: skip
+    assert got[0][0] == 300
+    measured = [t for t, g in enumerate(grads) if t > 300 and g != 0.0]
+    assert got[1][0] == measured[7]
+
+
+def test_a_zero_grad_norm_next_to_a_nan_loss_is_still_a_value() -> None:
+    mon = Monitor()
+    [d] = mon.observe(StepRecord(run="run", step=0, loss=math.nan, grad_norm=0.0))
+    assert (d.action, d.signal and d.signal.metric) == ("skip_step", "loss")
+    assert mon.grad_norm.spike.window_values() == [0.0]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_bulk_path_equals_streaming_with_zero_and_missing_grad_norms(seed: int) -> None:
+    rng = random.Random(seed)
+    grads = [None if rng.random() < 0.2 else g for g in _zero_grads(3000, seed=seed)]
+    losses = falling_curve(3000, seed=seed)
+    grads[2000] = 50.0
+    losses[2500] += 3.0
+    records = [
+        StepRecord(run="r", step=t, loss=x, grad_norm=g)
+        for t, (x, g) in enumerate(zip(losses, grads, strict=True))
+    ]
+    fast, slow = Monitor(run="r"), Monitor(run="r")
+    got = fast.observe_many(records)
+    want = [d for r in records for d in slow.observe(r)]
+    assert got == want
+    kinds = [(d.action, d.signal and d.signal.metric) for d in got]
+    assert kinds == [("skip_step", "grad_norm"), ("watch", "grad_norm"), ("watch", "loss"),
+                     ("watch", "loss")]  # fmt: skip
+    assert [d.step for d in got][::2] == [2000, 2500]
+    assert fast.state_dict() == slow.state_dict()
 
 
 def test_config_threshold_changes_sensitivity() -> None:

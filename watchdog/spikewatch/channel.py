@@ -12,6 +12,7 @@ from spikewatch.changepoint import ChangePointLocaliser
 from spikewatch.detectors.drift import PageHinkleyDetector
 from spikewatch.detectors.nonfinite import NonFiniteDetector
 from spikewatch.detectors.robust import RobustSpikeDetector
+from spikewatch.detectors.window import UNRESOLVED_STEPS
 from spikewatch.fastpath import DriftState, RoutinePlan, plan_run, walk_drift
 from spikewatch.records import Metric, Signal, SignalKind
 from spikewatch.settings import MonitorConfig
@@ -29,6 +30,17 @@ class _Episode:
     baseline: float
     spread: float
     after: int = 0
+
+
+@dataclass(frozen=True)
+class PendingCandidate:
+    """A flagged excursion still waiting for confirmation (see `MetricChannel.pending`)."""
+
+    incident: str
+    onset_step: int
+    peak_step: int
+    after: int
+    """Unflagged records seen since its last flagged value."""
 
 
 class MetricChannel:
@@ -119,6 +131,7 @@ class MetricChannel:
             score=float(plan.scores.score[last]),
             baseline=float(plan.scores.baseline[last]),
             spread=float(plan.scores.spread[last]),
+            resolution=float(plan.scores.resolution_after[last]),
         )
         if self.drift is not None:
             s = plan.drift_after
@@ -149,11 +162,13 @@ class MetricChannel:
                 out.append(self._confirm(step))
         return out
 
-    def flush(self) -> list[Signal]:
-        """Confirm a pending episode with whatever data there is (end of a replay)."""
-        if self._episode is None or not self._history:
-            return []
-        return [self._confirm(self._history[-1][0])]
+    def pending(self) -> PendingCandidate | None:
+        """The episode waiting for confirmation, if any (read-only: nothing is decided)."""
+        ep = self._episode
+        if ep is None:
+            return None
+        incident = f"{self.metric}-spike-{ep.first_step}"
+        return PendingCandidate(incident, ep.first_step, ep.peak_step, ep.after)
 
     def _on_flag(self, step: int, value: float) -> list[Signal]:
         out: list[Signal] = []
@@ -192,9 +207,12 @@ class MetricChannel:
         before = self.drift.statistic
         if self.drift.update(self.spike.score):
             # Page-Hinkley alone trips on healthy bumps of tight curves; a divergence
-            # must also have lifted the level min_rise above the best level so far.
+            # must also have lifted the level min_rise above the best level so far, and
+            # by more than a step of the log's resolution (a rounded loss at 1e-4 moves
+            # by 100 % in one step the log can print).
             rise = level - self._best_level
-            if rise > self.config.min_rise * abs(self._best_level):
+            unresolved = UNRESOLVED_STEPS * self.spike.resolution
+            if rise > self.config.min_rise * abs(self._best_level) and rise > unresolved:
                 return [self._divergence_signal(step)]
         if before == 0.0 and self.drift.statistic > 0.0:
             self._drift_onset = step

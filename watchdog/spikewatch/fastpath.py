@@ -64,6 +64,7 @@ def plan_run(
         min_rise=detector.min_rise,
         trend=detector.trend,
         relative_floor=detector.relative_floor,
+        resolution=detector.resolution,
     )
     return RoutinePlan(steps[:finite], values[:finite], scores, scores.first_flag())
 

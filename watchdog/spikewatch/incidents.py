@@ -13,8 +13,10 @@ from spikewatch.records import ACTION_SEVERITY, Decision
 class Incident:
     """What happened in one episode (a spike, a level shift, a NaN run, a divergence).
 
-    ``action`` is the most severe decision taken for it; ``status`` is ``"open"`` until
-    the episode is confirmed or ends, then ``"closed"``.
+    ``action`` is the most severe decision taken for it, ``reason`` the reason of the
+    first decision of that severity; ``status`` is ``"open"`` until the episode is
+    confirmed or ends, then ``"closed"``, or ``"unresolved"`` when a replay's data ended
+    before the episode could be confirmed (`unresolve`).
     """
 
     id: str
@@ -62,8 +64,16 @@ class Incident:
         else:
             self.peak_step = s.peak_step
         self.score = max(self.score, s.score)
-        if ACTION_SEVERITY[decision.action] >= ACTION_SEVERITY[self.action]:
+        severity, current = ACTION_SEVERITY[decision.action], ACTION_SEVERITY[self.action]
+        # A later decision of the same severity explains the episode better (a confirmed
+        # "returned to trend" after "waiting for confirmation"), except a halt: the
+        # halts after the first only say that the run was halted earlier.
+        if severity > current or (severity == current and decision.action != "halt"):
             self.action, self.reason = decision.action, decision.reason
+
+    def unresolve(self, *, peak_step: int, reason: str) -> None:
+        """Mark the episode as never confirmed: the data ended first (end of a replay)."""
+        self.status, self.peak_step, self.reason = "unresolved", peak_step, reason
 
     def to_json(self) -> dict[str, Any]:
         """Return a dict of JSON types."""

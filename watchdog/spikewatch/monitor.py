@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import bisect
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -79,8 +81,9 @@ class Monitor:
         self.records += 1
         self.last_step = step
         signals = self.loss.update(step, loss)
-        if grad_norm is not None:
-            signals += self.grad_norm.update(step, grad_norm)
+        grad = measured_grad_norm(loss, grad_norm)
+        if grad is not None:
+            signals += self.grad_norm.update(step, grad)
         return self._decide(signals)
 
     def observe_many(self, records: Sequence[StepRecord]) -> list[Decision]:
@@ -125,27 +128,24 @@ class Monitor:
         start: int,
     ) -> int:
         """Advance in bulk past the routine records from ``start``; return how many."""
-        with_grad = grad_norms[start] is not None
         stop = min(len(all_steps), start + self._budget)
-        for k in range(start, stop):  # one grad-norm presence per bulk run
-            if (grad_norms[k] is not None) != with_grad:
-                stop = k
-                break
         size = stop - start
         if size < _MIN_RUN:
             return 0
         steps = list(all_steps[start:stop])
-        loss_plan = self.loss.plan_routine(steps, list(losses[start:stop]))
+        loss_values = list(losses[start:stop])
+        loss_plan = self.loss.plan_routine(steps, loss_values)
         if loss_plan is None:
             return 0
         count = loss_plan[1]
-        if with_grad:
-            grads: list[float] = list(grad_norms[start:stop])  # type: ignore[arg-type]
-            grad_plan = self.grad_norm.plan_routine(steps, grads)
+        at, grads = _measured(loss_values, grad_norms[start:stop])
+        if grads:
+            grad_plan = self.grad_norm.plan_routine([steps[k] for k in at], grads)
             if grad_plan is None:
                 return 0
-            count = min(count, grad_plan[1])
-            self.grad_norm.advance_routine(grad_plan[0], count)
+            if grad_plan[1] < len(grads):  # stop at the record of the first unusable one
+                count = min(count, at[grad_plan[1]])
+            self.grad_norm.advance_routine(grad_plan[0], bisect.bisect_left(at, count))
         self.loss.advance_routine(loss_plan[0], count)
         if count:
             self.records += count
@@ -156,9 +156,26 @@ class Monitor:
         self._budget = min(MAX_RUN, self._budget * 2) if full else _MIN_RUN * 4
         return count
 
-    def flush(self) -> list[Decision]:
-        """Confirm pending episodes with the data so far (call at the end of a replay)."""
-        return self._decide(self.loss.flush() + self.grad_norm.flush())
+    def flush(self) -> list[Incident]:
+        """End of input (a replay): leave pending candidates unresolved; decide nothing.
+
+        A candidate waits ``confirm_after`` records for change-point analysis to say
+        whether it came back. When the data ends first there is nothing to confirm it
+        with (a live run would still be waiting), so its incident keeps its onset, is
+        marked ``"unresolved"`` and no decision is taken. Returns those incidents.
+        """
+        out = []
+        for channel in (self.loss, self.grad_norm):
+            pending = channel.pending()
+            incident = None if pending is None else self._incidents.get(pending.incident)
+            if pending is not None and incident is not None and incident.status == "open":
+                incident.unresolve(
+                    peak_step=pending.peak_step,
+                    reason=f"the data ends {pending.after} records after the candidate, "
+                    f"before the {self.config.confirm_after} that confirm it",
+                )
+                out.append(incident)
+        return out
 
     def _decide(self, signals: list[Signal]) -> list[Decision]:
         decisions = [self.policy.decide(s) for s in signals]
@@ -212,3 +229,34 @@ class Monitor:
         self.policy.load_state_dict(state["policy"])
         self.records = int(state["records"])
         self.last_step = state["last_step"]
+
+
+def measured_grad_norm(loss: float, grad_norm: float | None) -> float | None:
+    """The grad norm as a value, or None when it was not measured.
+
+    A grad norm of exactly 0.0 next to a finite, non-zero loss is a logging artefact
+    (DeepSpeed and the HF Trainer write 0.0 on steps where they did not compute it): a
+    model with a non-zero loss has a non-zero gradient. Only NaN/inf is non-finite.
+
+    Example:
+        >>> measured_grad_norm(2.5, 0.0), measured_grad_norm(2.5, 0.7), measured_grad_norm(0.0, 0.0)
+        (None, 0.7, 0.0)
+    """
+    if grad_norm == 0.0 and loss != 0.0 and math.isfinite(loss):
+        return None
+    return grad_norm
+
+
+def _measured(
+    losses: Sequence[float], grad_norms: Sequence[float | None]
+) -> tuple[Sequence[int], list[float]]:
+    """Positions and values of the measured grad norms among aligned records."""
+    if None not in grad_norms and 0.0 not in grad_norms:  # the common case, in C
+        return range(len(grad_norms)), list(grad_norms)  # type: ignore[arg-type]
+    at, values = [], []
+    for k, (loss, grad) in enumerate(zip(losses, grad_norms, strict=True)):
+        g = measured_grad_norm(loss, grad)
+        if g is not None:
+            at.append(k)
+            values.append(g)
+    return at, values

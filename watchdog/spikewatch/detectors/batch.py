@@ -20,7 +20,12 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from numpy.typing import NDArray
 
-from spikewatch.detectors.window import MAD_TO_SIGMA
+from spikewatch.detectors.window import (
+    MAD_TO_SIGMA,
+    RESOLUTION_TO_SIGMA,
+    UNRESOLVED_STEPS,
+    decimal_step,
+)
 
 Floats = NDArray[np.float64]
 
@@ -35,6 +40,7 @@ class RunScores:
         spread: the robust spread (sigma units) behind each score.
         level_after: median of the window after each value was accepted.
         flagged: whether each value is a spike (warm-up already over).
+        resolution_after: the detector's resolution after each value was accepted.
     """
 
     score: Floats
@@ -42,6 +48,7 @@ class RunScores:
     spread: Floats
     level_after: Floats
     flagged: NDArray[np.bool_]
+    resolution_after: Floats
 
     def first_flag(self) -> int:
         """Index of the first flagged value (the run's length when none is)."""
@@ -57,6 +64,7 @@ def score_run(
     min_rise: float,
     trend: bool,
     relative_floor: float,
+    resolution: float = 0.0,
 ) -> RunScores:
     """Score ``values`` in order against a full ``window``, assuming each is accepted.
 
@@ -64,17 +72,20 @@ def score_run(
         window: the detector's current window, oldest first (full: ``len == size``).
         values: finite values to score, in arrival order.
         threshold, min_rise, trend, relative_floor: the detector's settings.
+        resolution: the detector's `resolution` before the first value.
 
     Example:
         >>> import numpy as np
-        >>> win = [1.0, 1.1, 0.9, 1.05, 0.95, 1.0, 1.02, 0.98]
-        >>> out = score_run(win, np.array([1.01, 9.0, 1.0]), threshold=8.0, min_rise=0.1,
-        ...                 trend=False, relative_floor=1e-9)
-        >>> out.first_flag(), round(float(out.score[1]), 1)
-        (1, 154.1)
         >>> from spikewatch.detectors.robust import RobustSpikeDetector
         >>> det = RobustSpikeDetector(window=8, min_history=8, warmup=0, trend=False)
-        >>> for x in win + [1.01, 9.0]:
+        >>> for x in [1.0, 1.1, 0.9, 1.05, 0.95, 1.0, 1.02, 0.98]:
+        ...     _ = det.update(x)
+        >>> out = score_run(det.window_values(), np.array([1.01, 9.0, 1.0]), threshold=8.0,
+        ...                 min_rise=0.1, trend=False, relative_floor=1e-9,
+        ...                 resolution=det.resolution)
+        >>> out.first_flag(), round(float(out.score[1]), 1)
+        (1, 154.1)
+        >>> for x in [1.01, 9.0]:
         ...     _ = det.update(x)
         >>> det.score == float(out.score[1])   # the streaming path, bit for bit
         True
@@ -98,11 +109,33 @@ def score_run(
             detrended = _detrended_mad(rows[:k][noisy], slope[noisy])
             mad = mad.copy()
             mad[noisy] = np.minimum(mad[noisy], detrended)
-    floor = np.maximum(relative_floor * np.abs(med), 1e-12)
+    steps = _resolution_after(window[-1], values, resolution)
+    # Where no step was seen yet the window is one repeated number (see `_standardise`).
+    before = np.where(steps[:-1] > 0.0, steps[:-1], decimal_step(window[-1]))
+    floor = np.maximum(
+        np.maximum(relative_floor * np.abs(med), 1e-12), RESOLUTION_TO_SIGMA * before
+    )
     spread = np.maximum(MAD_TO_SIGMA * mad, floor)
-    score = (values - baseline) / spread
-    flagged = (score > threshold) & ((values - baseline) > min_rise * np.abs(baseline))
-    return RunScores(score, baseline, spread, median[1:], flagged)
+    rise = values - baseline
+    score = rise / spread
+    flagged = (
+        (score > threshold)
+        & (rise > min_rise * np.abs(baseline))
+        & (rise > UNRESOLVED_STEPS * before)
+    )
+    return RunScores(score, baseline, spread, median[1:], flagged, steps[1:])
+
+
+def _resolution_after(newest: float, values: Floats, resolution: float) -> Floats:
+    """The resolution before the first value, then after each: a running minimum of the
+    non-zero steps between consecutive values (0 while none was seen), as `_accept` does."""
+    previous = np.concatenate([[newest], values[:-1]])
+    gaps = np.abs(values - previous)
+    gaps[gaps == 0.0] = np.inf
+    start = resolution if resolution > 0.0 else np.inf
+    running = np.minimum.accumulate(np.concatenate([[start], gaps]))
+    running[np.isinf(running)] = 0.0
+    return running
 
 
 def _median_of_sorted(ordered: Floats) -> Floats:

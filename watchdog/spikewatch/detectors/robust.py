@@ -6,7 +6,13 @@ import math
 from collections import deque
 from typing import Any
 
-from spikewatch.detectors.window import MAD_TO_SIGMA, RollingWindow
+from spikewatch.detectors.window import (
+    MAD_TO_SIGMA,
+    RESOLUTION_TO_SIGMA,
+    UNRESOLVED_STEPS,
+    RollingWindow,
+    decimal_step,
+)
 from spikewatch.errors import bad_value
 from spikewatch.validation import check_float, check_int
 
@@ -20,8 +26,14 @@ class RobustSpikeDetector:
     tails and earlier spikes do not inflate it. Flagged values never enter the window,
     so a spike does not raise the bar for the next one. A drop is never a spike.
 
-    A value is a spike when ``x > baseline + threshold * spread`` and it rises at least
-    ``min_rise`` (a fraction of the baseline) above it. Nothing is flagged during the
+    Logged values are often rounded (the HF Trainer keeps 4 decimals, llm.c prints the
+    grad norm with 2), and then the MAD of a quiet stretch is 0. The detector therefore
+    tracks the data's `resolution` (the smallest non-zero step between consecutive
+    accepted values) and never lets the spread fall below half of it.
+
+    A value is a spike when ``x > baseline + threshold * spread``, it rises at least
+    ``min_rise`` (a fraction of the baseline) above it, and the rise is more than one
+    resolution step (what the log cannot resolve is never a spike). Nothing is flagged during the
     first ``warmup`` values. After ``max_consecutive`` flags in a row the values are a
     new level, not a spike: the window restarts from them and `level_shift` is set.
 
@@ -72,6 +84,8 @@ class RobustSpikeDetector:
         self._spread = math.nan
         self._spike = False
         self._level_shift = False
+        self._resolution = 0.0
+        self._step = 0.0  # the resolution step behind the last score
 
     # -- verdicts (read-only) -------------------------------------------------------
     @property
@@ -98,6 +112,15 @@ class RobustSpikeDetector:
     def spread(self) -> float:
         """Robust spread (sigma units) behind the last score."""
         return self._spread
+
+    @property
+    def resolution(self) -> float:
+        """Smallest non-zero step between consecutive accepted values (0 until one is seen).
+
+        On rounded logs this is the rounding step; on full-precision values it is tiny
+        and changes nothing.
+        """
+        return self._resolution
 
     @property
     def ready(self) -> bool:
@@ -129,7 +152,13 @@ class RobustSpikeDetector:
         return self._window.values()
 
     def accept_many(
-        self, values: list[float], *, score: float, baseline: float, spread: float
+        self,
+        values: list[float],
+        *,
+        score: float,
+        baseline: float,
+        spread: float,
+        resolution: float,
     ) -> None:
         """Advance past ``values`` that `score_run` found unflagged (``score`` etc. of the last).
 
@@ -138,6 +167,7 @@ class RobustSpikeDetector:
         self._seen += len(values)
         self._window.extend(values)
         self._score, self._baseline, self._spread = score, baseline, spread
+        self._resolution = resolution
         self._spike = self._level_shift = False
 
     # -- streaming ------------------------------------------------------------------
@@ -150,7 +180,7 @@ class RobustSpikeDetector:
         self._seen += 1
         if not self.ready:
             self._score, self._baseline, self._spread = 0.0, math.nan, math.nan
-            self._window.push(x)
+            self._accept(x)
             return False
         self._score = self._standardise(x)
         rise = x - self._baseline
@@ -158,6 +188,7 @@ class RobustSpikeDetector:
             not self.in_warmup
             and self._score > self.threshold
             and rise > self.min_rise * abs(self._baseline)
+            and rise > UNRESOLVED_STEPS * self._step
         )
         if self._spike:
             self._run.append(x)
@@ -165,8 +196,16 @@ class RobustSpikeDetector:
                 self._accept_new_level()
         else:
             self._run.clear()
-            self._window.push(x)
+            self._accept(x)
         return self._spike
+
+    def _accept(self, x: float) -> None:
+        newest = self._window.newest()
+        if newest is not None:
+            gap = abs(x - newest)
+            if gap > 0.0 and (gap < self._resolution or self._resolution == 0.0):
+                self._resolution = gap
+        self._window.push(x)
 
     def _standardise(self, x: float) -> float:
         median = self._window.median()
@@ -184,7 +223,11 @@ class RobustSpikeDetector:
                 # noise in the slope estimate inflates the detrended one instead. Each only
                 # errs upward, so the smaller is the cleaner.
                 mad = min(mad, self._window.detrended_mad(slope))
-        floor = max(self.relative_floor * abs(median), 1e-12)
+        # Until two distinct values were seen the window is one repeated number: its
+        # decimals are then all there is to say what a step of the log is.
+        step = self._resolution or decimal_step(median)
+        floor = max(self.relative_floor * abs(median), 1e-12, RESOLUTION_TO_SIGMA * step)
+        self._step = step
         self._baseline = baseline
         self._spread = max(MAD_TO_SIGMA * mad, floor)
         return (x - baseline) / self._spread
@@ -193,7 +236,7 @@ class RobustSpikeDetector:
         self._level_shift = True
         self._window.clear()
         for v in self._run:
-            self._window.push(v)
+            self._accept(v)
         self._run.clear()
 
     # -- persistence ----------------------------------------------------------------
@@ -205,6 +248,7 @@ class RobustSpikeDetector:
             "seen": self._seen,
             "baseline": _or_none(self._baseline),
             "spread": _or_none(self._spread),
+            "resolution": self._resolution,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -214,6 +258,7 @@ class RobustSpikeDetector:
         self._seen = int(state["seen"])
         self._baseline = _or_nan(state["baseline"])
         self._spread = _or_nan(state["spread"])
+        self._resolution = float(state.get("resolution", 0.0))  # absent in older states
         self._spike = self._level_shift = False
         self._score = 0.0
 

@@ -16,6 +16,15 @@ from spikewatch.validation import check_int
 #: 1.4826 x MAD estimates the standard deviation of normal data; robust to outliers.
 MAD_TO_SIGMA = 1.4826
 
+#: The spread never falls below this many resolution steps. A log rounded to a step q
+#: hides any noise smaller than about q/2, so a MAD of 0 on rounded values means
+#: "below the resolution", not "no noise" (a plain MAD then scores one step at 1e8).
+RESOLUTION_TO_SIGMA = 0.5
+
+#: A rise must exceed this many resolution steps to count (one step, plus slack for the
+#: float error of differences on the grid): a change the log cannot resolve is no signal.
+UNRESOLVED_STEPS = 1.5
+
 
 class RollingWindow:
     """The last ``size`` values, with order statistics.
@@ -101,6 +110,10 @@ class RollingWindow:
         k = min(n, max(3, n // 4))
         return _median_sorted(sorted(itertools.islice(self._values, n - k, n)))
 
+    def newest(self) -> float | None:
+        """The value pushed last (None when empty)."""
+        return self._values[-1] if self._values else None
+
     def values(self) -> list[float]:
         """The window, oldest first."""
         return list(self._values)
@@ -115,6 +128,21 @@ class RollingWindow:
         self.clear()
         for x in state["values"]:
             self.push(float(x))
+
+
+def decimal_step(x: float) -> float:
+    """One unit in the last decimal place of ``x`` as written (0.0 for a whole number).
+
+    What a value alone says about the log's resolution: ``0.0001`` was printed with 4
+    decimals. The fallback while every value seen so far is the same number.
+
+    Example:
+        >>> decimal_step(0.0002), decimal_step(2.5), decimal_step(1.5e-07), decimal_step(3.0)
+        (0.0001, 0.1, 1e-08, 0.0)
+    """
+    mantissa, _, exponent = repr(abs(x)).partition("e")
+    decimals = len(mantissa.partition(".")[2].rstrip("0")) - int(exponent or 0)
+    return 10.0**-decimals if decimals > 0 else 0.0
 
 
 def _median_sorted(s: list[float]) -> float:

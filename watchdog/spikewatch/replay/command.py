@@ -12,6 +12,7 @@ from typing import TextIO
 from spikewatch.errors import bad_value
 from spikewatch.replay.model import Curve, ReplayReport
 from spikewatch.replay.readers import FORMATS, read_curve
+from spikewatch.replay.timeline import format_decisions
 
 #: Curves longer than this get a progress bar (when stderr is a terminal).
 PROGRESS_MIN_POINTS = 5000
@@ -76,7 +77,7 @@ def format_table(report: ReplayReport) -> str:
             str(e.onset_step),
             str(e.peak_step),
             "open" if e.end_step is None else str(e.end_step),
-            "yes" if e.transient else "no",
+            "-" if e.transient is None else "yes" if e.transient else "no",
             f"{e.score:.1f}",
             e.action,
         )
@@ -180,6 +181,8 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(json.dumps(output, allow_nan=False, indent=2) + "\n")
     else:
         table = format_table(report) + "\n" if report.events else ""
+        if report.decisions:  # every decision in order: an incident shows only its worst
+            table += "\ndecisions\n" + format_decisions(report) + "\n\n"
         sys.stdout.write(table + format_summary(curve, report) + "\n")
     return 0
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from spikewatch.incidents import Incident
+from spikewatch.records import Decision
 
 
 @dataclass
@@ -35,18 +36,23 @@ class Curve:
 
 @dataclass
 class ReplayEvent:
-    """One incident found in a curve (the `--json` event shape, plus a few extra keys)."""
+    """One incident found in a curve (the `--json` event shape, plus a few extra keys).
+
+    ``kind`` is ``"unresolved"`` (and ``transient`` None) for a candidate the curve ended
+    on before it could be confirmed; ``incident`` is the id the decisions refer to.
+    """
 
     kind: str
     metric: str
     onset_step: int
     peak_step: int
     end_step: int | None
-    transient: bool
+    transient: bool | None
     score: float
     action: str
     detected_step: int
     reason: str = ""
+    incident: str = ""
 
     def to_json(self) -> dict[str, Any]:
         """Return a dict of JSON types."""
@@ -55,8 +61,74 @@ class ReplayEvent:
     @classmethod
     def from_incident(cls, incident: Incident) -> ReplayEvent:
         """The event view of a monitor incident (scores rounded for reading)."""
-        fields = {f.name: getattr(incident, f.name) for f in dataclasses.fields(cls)}
-        return cls(**{**fields, "score": round(incident.score, 3)})
+        unresolved = incident.status == "unresolved"
+        return cls(
+            kind="unresolved" if unresolved else incident.kind,
+            metric=incident.metric,
+            onset_step=incident.onset_step,
+            peak_step=incident.peak_step,
+            end_step=incident.end_step,
+            transient=None if unresolved else incident.transient,
+            score=round(incident.score, 3),
+            action=incident.action,
+            detected_step=incident.detected_step,
+            reason=incident.reason,
+            incident=incident.id,
+        )
+
+
+@dataclass(frozen=True)
+class ReplayDecision:
+    """One decision of the policy during a replay, in the order it was taken.
+
+    An incident keeps only its most severe action; these keep every step of the ladder
+    (each rollback with its restore step and LR factor, then the halt).
+
+    Attributes:
+        step: the step the decision was taken at.
+        action: ``watch``, ``skip_step``, ``rollback`` or ``halt``.
+        reason: why, in words.
+        incident: id of the incident (event) it belongs to.
+        metric: the metric of the signal behind it.
+        kind: the kind of that signal (spike, level_shift, nonfinite, divergence).
+        rollback_before_step: for a rollback, restore the newest snapshot at or before it.
+        lr_factor: learning-rate factor after a rollback (below 1 when escalated).
+        skip_ahead: batches to skip after a rollback.
+        escalation: escalation level of the policy at the decision.
+    """
+
+    step: int
+    action: str
+    reason: str
+    incident: str
+    metric: str
+    kind: str
+    rollback_before_step: int | None = None
+    lr_factor: float = 1.0
+    skip_ahead: int = 0
+    escalation: int = 0
+
+    @classmethod
+    def from_decision(cls, decision: Decision) -> ReplayDecision:
+        """The timeline entry of a monitor decision."""
+        signal = decision.signal
+        assert signal is not None  # the monitor's decisions all answer a signal
+        return cls(
+            step=decision.step,
+            action=decision.action,
+            reason=decision.reason,
+            incident=signal.incident,
+            metric=signal.metric,
+            kind=signal.kind,
+            rollback_before_step=decision.rollback_before_step,
+            lr_factor=decision.lr_factor,
+            skip_ahead=decision.skip_ahead,
+            escalation=decision.escalation,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """Return a dict of JSON types."""
+        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -65,7 +137,12 @@ class ReplayReport:
 
     points: int
     events: list[ReplayEvent] = field(default_factory=list)
+    decisions: list[ReplayDecision] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        """Return ``{"points": int, "events": [...]}``."""
-        return {"points": self.points, "events": [e.to_json() for e in self.events]}
+        """Return ``{"points": int, "events": [...], "decisions": [...]}``."""
+        return {
+            "points": self.points,
+            "events": [e.to_json() for e in self.events],
+            "decisions": [d.to_json() for d in self.decisions],
+        }
