@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import deque
-from dataclasses import dataclass
 from typing import Any
 
 from spikewatch.changepoint import ChangePointLocaliser
@@ -13,34 +12,10 @@ from spikewatch.detectors.drift import PageHinkleyDetector
 from spikewatch.detectors.nonfinite import NonFiniteDetector
 from spikewatch.detectors.robust import RobustSpikeDetector
 from spikewatch.detectors.window import UNRESOLVED_STEPS
+from spikewatch.episode import Episode, PendingCandidate
 from spikewatch.fastpath import DriftState, RoutinePlan, plan_run, walk_drift
 from spikewatch.records import Metric, Signal, SignalKind
 from spikewatch.settings import MonitorConfig
-
-
-@dataclass
-class _Episode:
-    """A run of flagged values waiting for change-point confirmation."""
-
-    first_step: int
-    first_index: int
-    peak_step: int
-    peak_value: float
-    score: float
-    baseline: float
-    spread: float
-    after: int = 0
-
-
-@dataclass(frozen=True)
-class PendingCandidate:
-    """A flagged excursion still waiting for confirmation (see `MetricChannel.pending`)."""
-
-    incident: str
-    onset_step: int
-    peak_step: int
-    after: int
-    """Unflagged records seen since its last flagged value."""
 
 
 class MetricChannel:
@@ -74,7 +49,7 @@ class MetricChannel:
         keep = config.pre_window + config.max_consecutive + config.confirm_after + 2
         self._history: deque[tuple[int, float]] = deque(maxlen=keep)
         self._count = 0
-        self._episode: _Episode | None = None
+        self._episode: Episode | None = None
         self._nonfinite_onset = 0
         self._drift_onset = 0
         self._best_level = math.inf
@@ -178,7 +153,7 @@ class MetricChannel:
             out.append(self._confirm(self._history[-2][0], drop_last=True))
             ep = None
         if ep is None:
-            ep = self._episode = _Episode(
+            ep = self._episode = Episode(
                 first_step=step,
                 first_index=self._count - 1,
                 peak_step=step,
@@ -324,7 +299,7 @@ class MetricChannel:
         self._history.extend((int(s), float(v)) for s, v in state["history"])
         self._count = int(state["count"])
         ep = state["episode"]
-        self._episode = None if ep is None else _Episode(**ep)
+        self._episode = None if ep is None else Episode(**ep)
         self._nonfinite_onset = int(state["nonfinite_onset"])
         self._drift_onset = int(state["drift_onset"])
         best = state["best_level"]
