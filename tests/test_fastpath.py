@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 
@@ -119,3 +120,18 @@ def _plateaus(seed: int) -> list[StepRecord]:
 def test_bulk_equals_streaming_on_plateaus_of_one_repeated_value(seed: int) -> None:
     # The resolution is unknown on a plateau: both paths fall back to its decimals.
     assert _assert_same(_plateaus(seed), [250, 300]) > 0
+
+
+def test_bulk_equals_streaming_after_loading_a_state_saved_without_resolution() -> None:
+    records = _stream(3, 800, [("spike", 500)], 1, decimals=4)
+    fast, slow = Monitor(run="r"), Monitor(run="r")
+    for r in records[:300]:
+        slow.observe(r)
+    state = json.loads(json.dumps(slow.state_dict()))
+    for channel in ("loss", "grad_norm"):
+        del state[channel]["spike"]["resolution"]  # a checkpoint from before the field
+    fast.load_state_dict(state)
+    slow.load_state_dict(state)
+    got = fast.observe_many(records[300:])
+    assert got == [d for r in records[300:] for d in slow.observe(r)]
+    assert got and fast.state_dict() == slow.state_dict()

@@ -91,6 +91,7 @@ def test_a_candidate_open_at_the_end_is_unresolved_not_a_rollback() -> None:
         None,
     )
     assert event.action == "watch"
+    assert "before the candidate could be confirmed (0 of the 8" in event.reason
     assert all(d.action == "watch" for d in report.decisions)
 
 

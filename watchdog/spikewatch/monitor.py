@@ -74,7 +74,11 @@ class Monitor:
             self._incidents[incident.id] = incident
 
     def observe(self, record: StepRecord) -> list[Decision]:
-        """Run one record through detectors and policy; return the decisions it caused."""
+        """Run one record through detectors and policy; return the decisions it caused.
+
+        A grad norm of None, or of 0.0 next to a finite non-zero loss, was not measured
+        (`measured_grad_norm`): the grad-norm detectors do not see it.
+        """
         return self._observe_one(record.step, record.loss, record.grad_norm)
 
     def _observe_one(self, step: int, loss: float, grad_norm: float | None) -> list[Decision]:
@@ -171,8 +175,9 @@ class Monitor:
             if pending is not None and incident is not None and incident.status == "open":
                 incident.unresolve(
                     peak_step=pending.peak_step,
-                    reason=f"the data ends {pending.after} records after the candidate, "
-                    f"before the {self.config.confirm_after} that confirm it",
+                    reason="the data ends before the candidate could be confirmed "
+                    f"({pending.after} of the {self.config.confirm_after} quiet records "
+                    "it needs): nothing decided",
                 )
                 out.append(incident)
         return out

@@ -110,8 +110,9 @@ def score_run(
             mad = mad.copy()
             mad[noisy] = np.minimum(mad[noisy], detrended)
     steps = _resolution_after(window[-1], values, resolution)
-    # Where no step was seen yet the window is one repeated number (see `_standardise`).
-    before = np.where(steps[:-1] > 0.0, steps[:-1], decimal_step(window[-1]))
+    before = steps[:-1].copy()
+    for i in np.flatnonzero(before == 0.0):  # no step seen yet: see `_standardise`
+        before[i] = decimal_step(float(rows[i, -1]))
     floor = np.maximum(
         np.maximum(relative_floor * np.abs(med), 1e-12), RESOLUTION_TO_SIGMA * before
     )

@@ -225,7 +225,7 @@ class RobustSpikeDetector:
                 mad = min(mad, self._window.detrended_mad(slope))
         # Until two distinct values were seen the window is one repeated number: its
         # decimals are then all there is to say what a step of the log is.
-        step = self._resolution or decimal_step(median)
+        step = self._resolution or decimal_step(self._window.newest() or 0.0)
         floor = max(self.relative_floor * abs(median), 1e-12, RESOLUTION_TO_SIGMA * step)
         self._step = step
         self._baseline = baseline
