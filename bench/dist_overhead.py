@@ -134,9 +134,9 @@ class Training:
         inner = lockstep.gather
         self._gather_us = 0.0
 
-        def timed() -> list[StepValues]:
+        def timed(flag: float = 0.0) -> list[StepValues]:
             start = wall_ns()
-            result = inner()
+            result = inner(flag)
             self._gather_us += (wall_ns() - start) / 1e3
             return result
 

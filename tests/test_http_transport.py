@@ -9,7 +9,6 @@ import random
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import cast
 
 import numpy as np
 import pytest
@@ -23,9 +22,9 @@ from spikewatch.records import StepRecord
 from spikewatch.service.config import ServiceConfig
 from spikewatch.service.registry import RunRegistry
 from spikewatch.service.store import EventStore
+from spikewatch.service_transport import ServiceTransport
 from spikewatch_hooks.demo.corpus import CharCorpus
 from spikewatch_hooks.demo.scenario import DemoSettings, load_corpus, train
-from spikewatch_hooks.distributed import Lockstep
 from spikewatch_hooks.guard import SpikeGuard
 from spikewatch_hooks.options import GuardOptions
 
@@ -185,25 +184,24 @@ def test_numpy_values_are_sent_and_exit_without_close_is_no_finish(tmp_path: Pat
         assert t.rejected == 0
 
 
-def test_monitor_url_gives_the_guard_an_http_transport(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_monitor_url_gives_the_guard_its_own_monitor_and_a_client(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setenv("SPIKEWATCH_TOKEN", "from-the-env")
     model = torch.nn.Linear(2, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     guard = SpikeGuard(model, opt, run_id="r", monitor_url="http://127.0.0.1:9")
-    assert isinstance(guard.transport, HttpTransport)
-    assert guard.transport.url == "http://127.0.0.1:9"
-    guard.transport.close(timeout=0.1)
-    with pytest.raises(ConfigError, match=r"monitor_url='http://127\.0\.0\.1:9' is invalid"):
-        SpikeGuard(model, opt, monitor_url="http://127.0.0.1:9", distributed=True)
+    assert isinstance(guard.transport, ServiceTransport)
+    assert isinstance(guard.transport.client, HttpTransport)
+    assert guard.transport.client.url == "http://127.0.0.1:9"
+    guard.close(timeout=0.1)
 
 
-def test_an_http_transport_neither_travels_nor_runs_in_lockstep() -> None:
+def test_a_callback_holds_no_client_until_training_starts() -> None:
+    """Launchers pickle callbacks into worker processes: the client is made with the engine."""
+    options = GuardOptions.build(run_id="r", monitor_url="http://127.0.0.1:9", token="t")
+    assert pickle.loads(pickle.dumps(options)).monitor_url == "http://127.0.0.1:9"
     t = HttpTransport("http://127.0.0.1:9", run="r", token="t")
     with pytest.raises(TypeError, match="cannot be pickled into another process"):
-        pickle.dumps(t)  # what Lightning's ddp_spawn would do with the callback
-    model = torch.nn.Linear(2, 1)
-    options = GuardOptions.build(run_id="r", transport=t)
-    stand_in = cast(Lockstep, object())  # any lockstep: every rank would need its own replica
-    with pytest.raises(ConfigError, match=r"under torch\.distributed"):
-        options.engine(model, torch.optim.SGD(model.parameters(), lr=0.1), None, lockstep=stand_in)
+        pickle.dumps(t)  # a client made by hand still says why it cannot travel
     t.close(timeout=0.1)

@@ -277,7 +277,7 @@ def test_openapi_lists_every_route_and_the_ingest_schema(client: TestClient) -> 
     spec = client.get("/openapi.json").json()
     assert spec["paths"].keys() == {
         "/v1/runs/{run}/records", "/v1/runs", "/v1/runs/{run}", "/v1/runs/{run}/incidents",
-        "/v1/runs/{run}/commands", "/metrics", "/healthz",
+        "/v1/runs/{run}/commands", "/v1/runs/{run}/config", "/metrics", "/healthz",
     }  # fmt: skip
     post = spec["paths"]["/v1/runs/{run}/records"]["post"]
     schema = post["requestBody"]["content"]["application/json"]["schema"]

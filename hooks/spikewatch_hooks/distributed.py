@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -47,6 +48,7 @@ class Lockstep:
         self.keep = keep
         self._gathered: OrderedDict[int, torch.Tensor] = OrderedDict()
         self._staged: list[tuple[int, int, float | None, torch.Tensor, bool]] = []
+        self.leader_flag = 0.0
 
     @staticmethod
     def active() -> bool:
@@ -64,15 +66,20 @@ class Lockstep:
     def __len__(self) -> int:
         return len(self._staged)
 
-    def gather(self) -> list[StepValues]:
+    def gather(self, flag: float = 0.0) -> list[StepValues]:
         """One all-gather of every staged step; the means every rank will decide on.
 
+        ``flag`` rides along (rank 0's is kept in `leader_flag`): how many operator
+        commands rank 0 holds, so every rank knows at the same step whether to join the
+        broadcast that delivers them, with no collective of its own.
         Reads the gathered values on the host (on a GPU: one sync per gather).
         """
+        self.leader_flag = 0.0
         if not self._staged:
             return []
         staged, self._staged = self._staged, []
-        local = torch.stack([s[3] for s in staged]).reshape(-1)
+        values = torch.stack([s[3] for s in staged]).reshape(-1)
+        local = torch.cat([values, torch.tensor([flag], dtype=values.dtype, device=values.device)])
         flat = torch.empty(
             self.world_size * local.numel(), dtype=torch.float32, device=local.device
         )
@@ -86,7 +93,9 @@ class Lockstep:
                 "logs, then resume from the last checkpoint (the process group's timeout "
                 "bounds the wait)"
             ) from exc
-        per_rank = flat.view(self.world_size, len(staged), 2)
+        rows = flat.view(self.world_size, local.numel())
+        self.leader_flag = float(rows[0, -1])
+        per_rank = rows[:, :-1].reshape(self.world_size, len(staged), 2)
         for i, s in enumerate(staged):
             self._gathered[s[0]] = per_rank[:, i, :]
         while len(self._gathered) > self.keep:
@@ -96,6 +105,22 @@ class Lockstep:
             StepValues(step, position, lr, m[0], m[1] if has_grad else None)
             for (step, position, lr, _, has_grad), m in zip(staged, means, strict=True)
         ]
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (operator commands, the effective settings)."""
+        box = [obj if self.rank == 0 else None]
+        try:
+            dist.broadcast_object_list(
+                box,
+                src=dist.get_global_rank(self.group, 0) if self.group is not None else 0,
+                group=self.group,
+            )
+        except (RuntimeError, dist.DistBackendError) as exc:
+            raise PeerFailureError(
+                f"rank {self.rank}/{self.world_size}: the guard's broadcast failed "
+                f"({str(exc).splitlines()[0]}); a peer rank probably died or stalled"
+            ) from exc
+        return box[0]
 
     def ranks_at(self, step: int) -> list[float] | None:
         """Each rank's local loss at ``step`` (reads the device once), if still kept."""

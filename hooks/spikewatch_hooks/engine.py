@@ -17,8 +17,10 @@ from torch import nn
 
 from spikewatch.errors import bad_value
 from spikewatch.records import ACTION_SEVERITY, Decision, StepRecord
+from spikewatch.service_transport import Approval
 from spikewatch.settings import MonitorConfig
 from spikewatch.transport import Transport
+from spikewatch_hooks.approval import Approvals
 from spikewatch_hooks.distributed import Lockstep
 from spikewatch_hooks.ledger import SkipLedger
 from spikewatch_hooks.rng import rng_state, set_rng_state
@@ -44,6 +46,7 @@ class GuardEngine:
         run_id: str = "run",
         monitor_every: int = 8,
         lockstep: Lockstep | None = None,
+        adopt_lockstep: bool = False,
     ) -> None:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.transport, self.config, self.run_id = transport, config, run_id
@@ -63,6 +66,10 @@ class GuardEngine:
         self.halted = False
         self.halt_reason = ""
         self.lr_scale = 1.0
+        # A guard built before init_process_group joins the lockstep at its first step.
+        self._adopt_lockstep = adopt_lockstep and lockstep is None
+        self.approvals = Approvals(self.ring, getattr(transport, "approval", Approval()))
+        self._operator: list[Decision] = []  # this boundary's decisions from operators
         self._snapshot()
 
     # -- per step -----------------------------------------------------------------------
@@ -90,6 +97,8 @@ class GuardEngine:
         """Queue this step's values, feed what is ready to the monitor, return a decision."""
         if self.halted:
             return None
+        if self._adopt_lockstep:
+            self._join_lockstep()
         if data_position is not None:
             self.position = data_position
         lr = self._lr()
@@ -103,7 +112,8 @@ class GuardEngine:
         if len(self.values) < self.monitor_every and not self._suspicious():
             return None
         if self.lockstep is not None:
-            ready = self.lockstep.gather()  # every rank gathers at the same step
+            flag = self._commands_waiting() if self.lockstep.rank == 0 else 0
+            ready = self.lockstep.gather(float(flag))  # every rank gathers at the same step
             self.values.clear()
         else:
             ready = self.values.ready()
@@ -120,7 +130,50 @@ class GuardEngine:
         ]
         decisions = self.transport.submit(records) if records else []
         self._skip_threshold = self.transport.skip_threshold()
+        self._operator = self._operator_decisions()
+        decisions += self._operator
         return max(decisions, key=lambda d: ACTION_SEVERITY[d.action], default=None)
+
+    def _commands_waiting(self) -> int:
+        """Operator commands (and a timed-out proposal) this rank holds for the others."""
+        waiting = getattr(self.transport, "pending_commands", None)
+        held = 0 if waiting is None else int(waiting())
+        return held + len(self.approvals.expire_commands())
+
+    def _operator_decisions(self) -> list[Decision]:
+        """The operators' commands for this boundary, the same on every rank."""
+        take = getattr(self.transport, "take_commands", None)
+        if take is None:
+            return []
+        if self.lockstep is None:
+            commands = take() + self.approvals.expire_commands()
+        elif self.lockstep.leader_flag > 0:  # rank 0 holds some: all join one broadcast
+            mine = take() + self.approvals.expire_commands() if self.lockstep.rank == 0 else None
+            commands = self.lockstep.broadcast(mine)
+        else:
+            return []
+        decisions, events = self.approvals.resolve(commands)
+        self._report(events)
+        return decisions
+
+    def _report(self, events: list[dict[str, Any]]) -> None:
+        report = getattr(self.transport, "report", None)
+        if events and report is not None and self.reporting:
+            report(events)
+
+    def _join_lockstep(self) -> None:
+        """First step of a guard built before ``init_process_group``: join the lockstep
+        now, with rank 0's settings, or every rank would decide alone and deadlock DDP."""
+        self._adopt_lockstep = False
+        if not Lockstep.active():
+            return
+        self.lockstep = Lockstep()
+        self.reporting = self.lockstep.rank == 0
+        adopt = getattr(self.transport, "adopt_rank", None)
+        if adopt is not None:
+            adopt(self.lockstep)
+            self.approvals.approval = getattr(self.transport, "approval", Approval())
+        log.info("spikewatch: joined torch.distributed lockstep at the first step")
 
     def _suspicious(self) -> bool:
         latest = self.values.latest()
@@ -143,11 +196,46 @@ class GuardEngine:
             self.halt(decision.reason)
             return "halt"
         if decision.action == "rollback":
+            operator = any(decision is d for d in self._operator)
+            if not operator and self.approvals.manual:
+                self._report([self.approvals.propose(decision)])
+                if self.reporting:
+                    log.warning(
+                        "spikewatch: rollback proposed, waiting for approval: %s", decision.reason
+                    )
+                return "none"
+            if (
+                operator
+                and self.ring.newest_at_or_before(decision.rollback_before_step or 0) is None
+            ):
+                self._refuse(decision)
+                return "none"
             self.rollback(decision)
             return "rollback"
         if decision.action == "skip_step" and decision.step == self.step_count:
             return "skip"
         return "none"
+
+    def _refuse(self, decision: Decision) -> None:
+        """An operator's rollback the ring cannot reach: never restore a later state."""
+        steps = self.ring.steps
+        why = (
+            f"no snapshot at or before step {decision.rollback_before_step} (the ring holds "
+            f"steps {steps}); roll back to one of those, or resume from a disk checkpoint"
+        )
+        self.count("refused_rollbacks")
+        if self.reporting:
+            log.error("spikewatch: refused the operator's rollback: %s", why)
+        self._report(
+            [
+                {
+                    "event": "refused",
+                    "step": self.step_count,
+                    "reason": why,
+                    "rollback_before_step": decision.rollback_before_step,
+                }
+            ]
+        )
 
     def finish_step(self) -> None:
         """Count the step; take a snapshot when one is due."""
@@ -193,6 +281,7 @@ class GuardEngine:
                 where,
             )
         self.step_count = snap.step
+        self.approvals.applied()
         self.values.clear()
         if self.lockstep is not None:
             self.lockstep.clear()
@@ -206,9 +295,28 @@ class GuardEngine:
             return
         log.error("spikewatch halted run %r at step %d: %s", self.run_id, self.step_count, reason)
 
+    def drain(self) -> None:
+        """Hand the monitor the steps still waiting in the value pipe (training ended).
+
+        Under torch.distributed this gathers: every rank calls it (the callbacks and
+        `SpikeGuard.close` do, at the end of training).
+        """
+        if self.halted or not (len(self.values) or (self.lockstep and len(self.lockstep))):
+            return
+        ready = self.lockstep.gather() if self.lockstep is not None else self.values.ready()
+        self.values.clear()
+        records = [
+            StepRecord(run=self.run_id, step=v.step, loss=v.loss, grad_norm=v.grad_norm,
+                       lr=v.lr, data_position=v.position)
+            for v in ready
+        ]  # fmt: skip
+        if records:
+            self.transport.submit(records)  # decisions after the last step change nothing
+
     def finish(self, timeout: float = 10.0) -> None:
         """Training ended: deliver the records still queued for a monitor service and tell
         it the run finished, so it is not taken for a stall (no-op when embedded)."""
+        self.drain()
         finish = getattr(self.transport, "finish", None)
         if finish is not None and not finish(timeout):
             log.warning("spikewatch: records still queued for the monitor after %g s", timeout)
@@ -281,7 +389,8 @@ class GuardEngine:
 
     # -- helpers ------------------------------------------------------------------------
     def _snapshot(self, next_position: int = 0) -> Snapshot:
-        return self.ring.take(
+        restorable = getattr(self.transport, "restorable", None)
+        snap = self.ring.take(
             self.step_count,
             next_position,
             {
@@ -289,6 +398,9 @@ class GuardEngine:
                 "lr_scale": self.lr_scale,
             },
         )
+        if restorable is not None:
+            restorable(self.ring.steps)
+        return snap
 
     def _lr(self) -> float | None:
         lr = self.optimizer.param_groups[0].get("lr")

@@ -21,10 +21,9 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from spikewatch.errors import bad_value
 from spikewatch.records import Decision
 from spikewatch.settings import MonitorConfig
-from spikewatch.transport import EmbeddedTransport, Transport
+from spikewatch.transport import Transport
 from spikewatch_hooks.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from spikewatch_hooks.distributed import Lockstep
 from spikewatch_hooks.engine import check_components
@@ -45,8 +44,11 @@ class SpikeGuard:
         keep_snapshots: how many snapshots the ring holds (memory: one copy of model and
             optimizer state each, on the CPU).
         transport: where records go; default: an embedded monitor (no server).
-        monitor_url: send records to a `spikewatch serve` at this URL instead (its
-            decisions come back as commands, applied at the next step boundary).
+        monitor_url: also report to a `spikewatch serve` at this URL: this process's
+            own monitor still decides every automatic action on the step it is for; the
+            service stores records and decisions, alerts, hands the run its settings at
+            start and sends operators' commands back (applied at a step boundary, on
+            every rank). Under torch.distributed only rank 0 talks to it.
         token: the service's bearer token (default: ``$SPIKEWATCH_TOKEN``).
         checkpoint_dir / checkpoint_every: also write verified disk checkpoints.
         margin: shortcut for ``config.policy.margin`` (roll back at least this many steps
@@ -104,15 +106,6 @@ class SpikeGuard:
         )
         lockstep = None
         if distributed or (distributed is None and Lockstep.active()):
-            if monitor_url is not None or not isinstance(
-                transport, (EmbeddedTransport, type(None))
-            ):
-                raise bad_value(
-                    "monitor_url" if monitor_url is not None else "transport",
-                    monitor_url or type(transport).__name__,
-                    "use the embedded monitor under torch.distributed for now (every rank "
-                    "runs the same monitor in lockstep)",
-                )
             lockstep = Lockstep()
         self.options = GuardOptions.build(
             run_id=run_id,
@@ -124,9 +117,14 @@ class SpikeGuard:
             monitor_url=monitor_url,
             token=token,
         )
-        self.run_id, self.config = run_id, self.options.config
-        self.transport = self.options.transport
-        self.engine = self.options.engine(model, optimizer, scheduler, lockstep=lockstep)
+        self.run_id = run_id
+        # Built before init_process_group (distributed=None): join the lockstep at the
+        # first step, or ranks would decide alone and deadlock at their next collective.
+        self.engine = self.options.engine(
+            model, optimizer, scheduler, lockstep=lockstep, adopt_lockstep=distributed is None
+        )
+        self.config = self.engine.config
+        self.transport = self.engine.transport
         self.checkpoint_dir = checkpoint_dir
         self.checkpoint_every = checkpoint_every
         self._resume_position = 0
@@ -182,7 +180,11 @@ class SpikeGuard:
         return self.engine.halted
 
     def close(self, timeout: float = 10.0) -> None:
-        """Deliver the records still queued for a monitor service (no-op when embedded)."""
+        """Deliver the records still queued for a monitor service (no-op when embedded).
+
+        Under torch.distributed every rank calls it: the last steps are gathered first.
+        """
+        self.engine.drain()
         close = getattr(self.transport, "close", None)
         if close is not None:
             close(timeout=timeout)

@@ -57,6 +57,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from spikewatch.errors import SpikewatchError, bad_value
 from spikewatch.settings import MonitorConfig
 from spikewatch.transport import Transport
+from spikewatch_hooks.distributed import Lockstep
 from spikewatch_hooks.engine import GuardEngine
 from spikewatch_hooks.options import GuardOptions
 
@@ -106,7 +107,6 @@ class SpikewatchCallback(TrainerCallback):
             token=token,
         )
         self.run_id, self.config = run_id, self.options.config
-        self.transport = self.options.transport
         self._engine: GuardEngine | None = None
         self._params: list[torch.Tensor] = []
         self._target = 0  # optimizer steps this train() call owes on the surviving branch
@@ -117,6 +117,11 @@ class SpikewatchCallback(TrainerCallback):
         self._saved_lr: tuple[dict[str, Any], list[float]] | None = None
 
     # -- read-only views --------------------------------------------------------------
+    @property
+    def transport(self) -> Transport | None:
+        """Where records go: built with the engine at train start (None before)."""
+        return None if self._engine is None else self._engine.transport
+
     @property
     def engine(self) -> GuardEngine:
         """The `GuardEngine` built at ``on_train_begin``."""
@@ -142,7 +147,11 @@ class SpikewatchCallback(TrainerCallback):
     ) -> None:
         """Build the engine from the live training objects; fail fast on wrong settings."""
         model, optimizer, scheduler = _live_objects(args, state, kwargs)
-        self._engine = self.options.engine(model, optimizer, scheduler)
+        # Embedded, every rank decides alike on the Trainer's averaged loss with no
+        # collective; with a service only rank 0 talks to it, so the ranks gather (every
+        # 8 steps) to learn together of an operator's command.
+        lockstep = Lockstep() if Lockstep.active() and self.options.monitor_url else None
+        self._engine = self.options.engine(model, optimizer, scheduler, lockstep=lockstep)
         # Under DDP the Trainer logs the loss already averaged over ranks and the grads are
         # averaged, so every rank's engine decides alike with no extra collective; only
         # the main process speaks.

@@ -115,7 +115,6 @@ class SpikewatchCallback(pl.Callback):
             token=token,
         )
         self.run_id, self.config = run_id, self.options.config
-        self.transport = self.options.transport
         self.engine: GuardEngine | None = None
         self._batches_seen = 0
         self._position = 0
@@ -129,6 +128,11 @@ class SpikewatchCallback(pl.Callback):
         self._restored: dict[str, Any] | None = None
 
     # -- read-only views --------------------------------------------------------------
+    @property
+    def transport(self) -> Transport | None:
+        """Where records go: built with the engine at train start (None before)."""
+        return None if self.engine is None else self.engine.transport
+
     @property
     def step_count(self) -> int:
         """Useful optimizer steps on the current branch (rewinds with a rollback)."""

@@ -67,6 +67,8 @@ class SnapshotRing:
     ) -> None:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.keep = keep
+        #: A snapshot step kept whatever comes after (a rollback waiting for approval).
+        self.pinned: int | None = None
         self._slots: list[Snapshot] = []
         self._spare: list[Snapshot] = []
 
@@ -86,7 +88,10 @@ class SnapshotRing:
     def take(self, step: int, data_position: int, extra: dict[str, Any] | None = None) -> Snapshot:
         """Copy the current state into a (reused) slot and return it."""
         if len(self._slots) >= self.keep:
-            snap = self._slots.pop(0)
+            oldest = 1 if self._slots[0].step == self.pinned and len(self._slots) > 1 else 0
+            if self._slots[oldest].step == self.pinned:
+                return self._slots[oldest]  # a ring of one, pinned: nothing may be overwritten
+            snap = self._slots.pop(oldest)
         elif self._spare:
             snap = self._spare.pop()
         else:

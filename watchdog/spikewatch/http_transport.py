@@ -76,8 +76,9 @@ class HttpTransport:
         if not token:
             raise bad_value("token", token, f"pass token= or set {TOKEN_ENV} (the service's token)")
         self.url, self.run = url, run
-        path = f"{parts.path.rstrip('/')}/v1/runs/{urllib.parse.quote(run, safe='')}/records"
-        self._conn = Connection(parts, path=path, token=token, timeout_s=timeout_s)
+        base = f"{parts.path.rstrip('/')}/v1/runs/{urllib.parse.quote(run, safe='')}"
+        self._parts, self._token, self._config_path = parts, token, f"{base}/config"
+        self._conn = Connection(parts, path=f"{base}/records", token=token, timeout_s=timeout_s)
         self.max_queue, self.batch_size = max_queue, batch_size
         self.flush_interval_s, self.timeout_s, self.max_backoff_s = (
             flush_interval_s,
@@ -89,9 +90,16 @@ class HttpTransport:
         self._queued = 0
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._decisions: deque[tuple[str, Decision]] = deque()
+        self._commands: deque[dict[str, Any]] = deque()
         self._seen: set[str] = set()
         self._acks: list[str] = []
+        self._reports: list[dict[str, Any]] | None = None  # None: the service decides
+        self._events: list[dict[str, Any]] = []
+        #: Ask the service at every flush interval even with nothing to send (a rollback
+        #: waits for an operator's answer, which only comes back in an ingest answer).
+        self.polling = False
+        self._config: dict[str, Any] | None = None  # sent until a batch carrying it lands
+        self._restorable: list[int] | None = None
         self._seq = 0
         self._threshold = float("inf")
         self._incidents = 0
@@ -107,13 +115,37 @@ class HttpTransport:
         # A thread and a socket cannot travel to another process (Lightning's ddp_spawn
         # pickles callbacks): say so instead of a pickling error about a lock.
         raise TypeError(
-            "an HttpTransport (monitor_url=) cannot be pickled into another process: "
-            "under torch.distributed use the embedded monitor (no monitor_url)"
+            "an HttpTransport cannot be pickled into another process: pass monitor_url= "
+            "(and token=) to the guard or callback instead, which makes the client in the "
+            "process that trains (rank 0 only)"
         )
 
     # -- the training thread ------------------------------------------------------------
     def submit(self, records: Sequence[StepRecord]) -> list[Decision]:
-        """Queue records (never blocks on the network); return commands that arrived."""
+        """Queue records (never blocks on the network); return the commands that arrived.
+
+        This is the client used alone, with the service deciding (a log shipper, say);
+        a trainer hook wraps it in a `ServiceTransport`, whose own monitor decides.
+        """
+        self._enqueue(records)
+        return [decision_of(cmd) for cmd in self.take_commands() if cmd["action"] != "veto"]
+
+    def report(
+        self,
+        records: Sequence[StepRecord],
+        decisions: Sequence[Decision],
+        events: Sequence[dict[str, Any]] = (),
+    ) -> None:
+        """Queue records, the decisions the trainer's own monitor took on them, and what
+        the trainer did about proposals and commands (``events``)."""
+        with self._lock:
+            if self._reports is None:
+                self._reports = []
+            self._reports.extend(d.to_json() for d in decisions)
+            self._events.extend(events)
+        self._enqueue(records)
+
+    def _enqueue(self, records: Sequence[StepRecord]) -> None:
         with self._lock:
             room = max(0, self.max_queue - self._queued)
             if room < len(records):
@@ -124,14 +156,46 @@ class HttpTransport:
             if records:  # records after a finish: the run goes on
                 self._finishing = self._finish_sent = False
             full = self._queued >= self.batch_size
-            out = []
-            while self._decisions:
-                command_id, decision = self._decisions.popleft()
-                self._acks.append(command_id)  # handed to the trainer, applied at this boundary
-                out.append(decision)
         if full:
             self._wake.set()
+
+    def pending_commands(self) -> int:
+        """Operator commands that arrived and were not taken yet (no lock: a hint)."""
+        return len(self._commands)
+
+    def take_commands(self) -> list[dict[str, Any]]:
+        """The operators' commands that arrived, oldest first; each is acknowledged to the
+        service with the next batch (it is applied at this step boundary)."""
+        with self._lock:
+            out = list(self._commands)
+            self._commands.clear()
+            self._acks.extend(cmd["id"] for cmd in out)
         return out
+
+    def configure(self, config: dict[str, Any], restorable: list[int] | None = None) -> None:
+        """Tell the service the trainer's effective settings (with the next batch) and
+        which steps it can restore, so it can refuse an operator rollback it cannot do."""
+        with self._lock:
+            if config:
+                self._config = config
+            if restorable is not None:
+                self._restorable = list(restorable)
+
+    def fetch_config(self, timeout: float = 3.0) -> dict[str, Any] | None:
+        """Ask the service for this run's settings (``GET /v1/runs/{run}/config``); None
+        when it does not answer in ``timeout`` seconds or refuses (the caller says so)."""
+        conn = Connection(self._parts, path=self._config_path, token=self._token, timeout_s=timeout)
+        try:
+            status, payload = conn.request("GET", self._config_path)
+        except (OSError, http.client.HTTPException) as exc:
+            log.warning("spikewatch: monitor service %s unreachable (%s)", self.url, exc)
+            return None
+        finally:
+            conn.reset()
+        if status != 200 or not isinstance(payload, dict):
+            log.warning("spikewatch: monitor service answered %d for the run's config", status)
+            return None
+        return payload
 
     def detector_state(self) -> dict[str, Any]:
         """Detection state lives in the service; a snapshot keeps nothing of it."""
@@ -235,10 +299,25 @@ class HttpTransport:
             if not records and self._queue:
                 rewind = False  # a lone marker waits for the records that follow it
             finished = self._finishing and not self._finish_sent and len(records) == self._queued
-        if not records and not acks and not finished:
+            reports, events = self._reports, self._events
+            if reports is not None:
+                self._reports = []
+            self._events = []
+            config, restorable = self._config, self._restorable
+        idle = not (records or acks or finished or reports or events)
+        if idle and not (self.polling and reports is not None):
+            self._put_back(reports, events)
             return None
         self._seq += 1
-        return Batch(self._seq, records, rewind, acks, finished)
+        return Batch(
+            self._seq, records, rewind, acks, finished, reports, events, config, restorable
+        )
+
+    def _put_back(self, reports: list[dict[str, Any]] | None, events: list[dict[str, Any]]) -> None:
+        with self._lock:
+            if reports is not None:
+                self._reports = reports + (self._reports or [])
+            self._events[:0] = events
 
     def _commit(self, batch: Batch) -> None:
         """Drop a delivered batch's records from the queue (new ones were appended behind)."""
@@ -252,6 +331,8 @@ class HttpTransport:
             self.sent += n
             if batch.finished and self._finishing:
                 self._finish_sent = True
+            if batch.config is not None and self._config is batch.config:
+                self._config = None  # the service has it
 
     def _drop(self, batch: Batch) -> None:
         """A batch the service can never take: drop its records, keep its acks, rewind
@@ -264,6 +345,7 @@ class HttpTransport:
             if batch.rewind:
                 self._queue.appendleft(Rewind())
             self._acks[:0] = batch.acks
+        self._put_back(batch.decisions, batch.events)
 
     def _send(self, batch: Batch) -> str:
         """POST one batch: ``sent``, ``rejected`` (never acceptable) or ``retry``."""
@@ -293,9 +375,10 @@ class HttpTransport:
         threshold = payload.get("skip_threshold")
         self._threshold = float("inf") if threshold is None else float(threshold)
         self._incidents = int(payload.get("incidents", self._incidents))
-        for cmd in payload.get("commands", []):
+        vetoed = [{"id": i, "action": "veto"} for i in payload.get("vetoed", [])]
+        for cmd in [*payload.get("commands", []), *vetoed]:
             if cmd["id"] in self._seen:
                 continue
             self._seen.add(cmd["id"])
             with self._lock:
-                self._decisions.append((cmd["id"], decision_of(cmd)))
+                self._commands.append(cmd)

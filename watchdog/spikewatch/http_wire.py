@@ -29,6 +29,14 @@ class Batch:
     rewind: bool
     acks: list[str] = field(default_factory=list)
     finished: bool = False
+    #: The trainer's own decisions (None: a client that leaves deciding to the service).
+    decisions: list[dict[str, Any]] | None = None
+    #: What the trainer did about proposals and commands (proposed, refused, expired).
+    events: list[dict[str, Any]] = field(default_factory=list)
+    #: The trainer's effective monitor settings (sent once per client session).
+    config: dict[str, Any] | None = None
+    #: Steps the trainer can restore right now (its snapshot ring).
+    restorable: list[int] | None = None
 
     def encode(self, *, client: str, dropped: int) -> bytes:
         """The request body (numpy/torch scalars become plain numbers)."""
@@ -43,6 +51,14 @@ class Batch:
             data["rewind_to"] = self.records[0].step
         if self.finished:
             data["finished"] = True
+        if self.decisions is not None:
+            data["decisions"] = self.decisions
+        if self.events:
+            data["events"] = self.events
+        if self.config is not None:
+            data["config"] = self.config
+        if self.restorable is not None:
+            data["restorable"] = self.restorable
         return json.dumps(data, default=_plain).encode()
 
 
@@ -58,11 +74,15 @@ class Connection:
 
     def post(self, body: bytes) -> tuple[int, Any]:
         """POST ``body``; the status and the parsed answer (text if it is not JSON)."""
+        return self.request("POST", self._path, body)
+
+    def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, Any]:
+        """One request on the kept-alive connection; the status and the parsed answer."""
         if self._conn is None:
             https = self._parts.scheme == "https"
             cls = http.client.HTTPSConnection if https else http.client.HTTPConnection
             self._conn = cls(self._parts.hostname or "", self._parts.port, timeout=self._timeout_s)
-        self._conn.request("POST", self._path, body=body, headers=self._headers)
+        self._conn.request(method, path, body=body, headers=self._headers)
         resp = self._conn.getresponse()
         raw = resp.read()
         try:

@@ -185,6 +185,15 @@ def create_app(service: Service) -> FastAPI:
         return _json({**service.run_view(status), "commands": service.store.commands(run)})
 
     @app.get(
+        "/v1/runs/{run}/config",
+        dependencies=[Depends(authorised)],
+        summary="The settings a trainer starting this run should use",
+        responses=errors(401, 403, 422),
+    )
+    def run_config(run: RunId) -> Response:
+        return _json(service.run_settings(check_run_id(run)))
+
+    @app.get(
         "/v1/runs/{run}/incidents",
         summary="A run's incidents, oldest first",
         responses=errors(404, 422),

@@ -19,12 +19,18 @@ def apply_acks(run: ServiceRun, acks: list[str], notices: list[Notice]) -> list[
     changed = []
     for cid in acks:
         cmd = run.commands.get(cid)
+        if cmd is not None and cmd["status"] == "vetoed" and not cmd.get("acked"):
+            cmd["acked"] = True  # the trainer has let go of the proposal
+            changed.append(cmd)
+            continue
         if cmd is None or cmd["status"] != "pending":
             continue  # unknown or already applied: acks are idempotent
         cmd["status"] = "applied"
         changed.append(cmd)
         incident = cmd.get("incident") or ""
-        if cmd["action"] == "rollback":
+        if cmd["action"] == "rollback" and run.trainer_decides:
+            text = f"rollback to step {cmd['rollback_before_step']} handed to the trainer"
+        elif cmd["action"] == "rollback":
             run.counts["rollbacks"] += 1
             run.pending_skip_ahead = int(cmd["skip_ahead"])
             run.recovery = {"incident": incident, "detected_step": cmd["issued_step"]}
@@ -35,6 +41,60 @@ def apply_acks(run: ServiceRun, acks: list[str], notices: list[Notice]) -> list[
         else:
             text = f"{cmd['action']} applied by the trainer: {cmd['reason']}"
         notices.append(follow_up_notice(run.run, incident, text))
+    return changed
+
+
+def vetoed(run: ServiceRun) -> list[str]:
+    """Proposals an operator vetoed that the trainer has not let go of yet."""
+    return [
+        c["id"]
+        for c in run.commands.values()
+        if c["status"] == "vetoed" and c["source"] == "trainer" and not c.get("acked")
+    ]
+
+
+def trainer_halts(run: ServiceRun, decisions: list[Decision], notices: list[Notice]) -> None:
+    """The trainer's monitor halted the run: mark it and say so in the incident's thread."""
+    for d in decisions:
+        if d.action == "halt" and not run.halted:
+            run.halted = True
+            incident = d.signal.incident if d.signal else ""
+            notices.append(
+                follow_up_notice(run.run, incident, f"halted by the trainer: {d.reason}")
+            )
+
+
+def apply_events(
+    run: ServiceRun, events: list[dict[str, Any]], notices: list[Notice]
+) -> list[dict[str, Any]]:
+    """What the trainer did about proposals and commands: the commands it changed."""
+    changed = []
+    for event in events:
+        kind = event["event"]
+        if kind == "proposed":
+            decision = Decision.from_json(event["decision"])
+            incident = decision.signal.incident if decision.signal else ""
+            cmd = new_command(run.run, decision, status="proposed", source="trainer",
+                              incident=incident)  # fmt: skip
+            cmd["id"] = str(event["proposal"])[:64]
+            run.commands[cmd["id"]] = cmd
+            changed.append(cmd)
+            text = (
+                f"rollback proposed, waiting for approval (command {cmd['id']}): approve or "
+                f"veto it with POST /v1/runs/{run.run}/commands; training goes on meanwhile"
+            )
+            notices.append(follow_up_notice(run.run, incident, text))
+        elif kind == "expired":
+            held = run.commands.get(str(event.get("proposal")))
+            if held is not None and held["status"] == "proposed":
+                rolled = event.get("outcome") == "rollback"
+                held["status"] = "applied" if rolled else "expired"
+                changed.append(held)
+                text = "no operator answered: " + ("rolled back" if rolled else "not rolled back")
+                notices.append(follow_up_notice(run.run, held["incident"], text))
+        elif kind == "refused":
+            text = f"the trainer refused an operator's rollback: {event.get('reason', '')}"
+            notices.append(follow_up_notice(run.run, "", text))
     return changed
 
 

@@ -40,8 +40,11 @@ class ServiceConfig:
         db: SQLite event store path.
         max_body_bytes: largest request body accepted (413 beyond).
         max_records: most records in one ingest request (422 beyond).
-        approval: ``auto`` sends the policy's rollbacks to the trainer at once;
-            ``manual`` holds them as *proposed* until an operator approves or vetoes.
+        approval: ``auto``: the trainer rolls back on its own decision at once;
+            ``manual``: each rollback it decides is *proposed* (training goes on, bad
+            updates are still skipped) until an operator approves or vetoes it.
+        approval_timeout_s: how long a proposal waits for an operator.
+        approval_default: what a proposal nobody answered becomes: ``rollback`` or ``veto``.
         notify_min_action: incidents whose action reaches this go to Slack at once
             (the others appear in the digest).
         stall_after_s: a run with no records for this long is *stalled*.
@@ -68,6 +71,8 @@ class ServiceConfig:
     max_body_bytes: int = 8 * 1024 * 1024
     max_records: int = 50_000
     approval: str = "auto"
+    approval_timeout_s: float = 3600.0
+    approval_default: str = "veto"
     notify_min_action: str = "rollback"
     stall_after_s: float = 300.0
     stall_check_interval_s: float = 15.0
@@ -90,6 +95,9 @@ class ServiceConfig:
         check_int("max_records", self.max_records, minimum=1)
         if self.approval not in ("auto", "manual"):
             raise bad_value("approval", self.approval, "use 'auto' or 'manual'")
+        check_float("approval_timeout_s", self.approval_timeout_s, minimum=0.0, inclusive=False)
+        if self.approval_default not in ("rollback", "veto"):
+            raise bad_value("approval_default", self.approval_default, "use 'rollback' or 'veto'")
         if self.notify_min_action not in ACTION_SEVERITY:
             raise bad_value(
                 "notify_min_action", self.notify_min_action, "use " + ", ".join(ACTION_SEVERITY)

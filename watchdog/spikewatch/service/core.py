@@ -103,6 +103,20 @@ class Service:
         """The Prometheus exposition and its content type."""
         return render(self.metrics)
 
+    def run_settings(self, run: str) -> dict[str, Any]:
+        """What a trainer starting ``run`` asks for: the service's monitor settings and
+        approval mode, so policy is set in one place for every run."""
+        cfg = self.config
+        return {
+            "run": run,
+            "monitor": dataclasses.asdict(cfg.monitor),
+            "approval": {
+                "mode": cfg.approval,
+                "timeout_s": cfg.approval_timeout_s,
+                "default": cfg.approval_default,
+            },
+        }
+
     @staticmethod
     def run_view(status: RunStatus) -> dict[str, Any]:
         """A run's status as JSON."""

@@ -60,6 +60,7 @@ class Operator:
                 run.halted = False
                 run.monitor.policy.resume()
             else:
+                _check_restorable(run.restorable, action, rollback_before_step)
                 cmd = self._new(
                     run_id,
                     action,
@@ -128,3 +129,16 @@ class Operator:
             skip_ahead=skip_ahead,
         )
         return new_command(run_id, decision, status="pending", source="operator", incident="")
+
+
+def _check_restorable(restorable: list[int] | None, action: str, before: int | None) -> None:
+    """Refuse at once a rollback the trainer has said it cannot carry out."""
+    if action != "rollback" or before is None or not restorable:
+        return
+    if min(restorable) > before:
+        raise OperatorError(
+            f"the trainer holds no snapshot at or before step {before} (it can restore "
+            f"steps {sorted(restorable)}): choose one of those, or resume it from a disk "
+            "checkpoint",
+            409,
+        )

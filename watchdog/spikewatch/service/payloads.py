@@ -18,6 +18,7 @@ import orjson
 
 from spikewatch.errors import WireFormatError
 from spikewatch.records import StepRecord
+from spikewatch.service.reports import REPORT_FIELDS, TrainerReport, parse_report
 
 #: Run ids appear in URLs, metric labels and Slack: keep them plain.
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}$")
@@ -27,7 +28,10 @@ _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _FLOAT_MAX = 2**1023 * (2 - 2**-52)  # the largest finite float, as an exact int
 
 _RECORD_FIELDS = frozenset(("run", "step", "loss", "grad_norm", "lr", "data_position", "wall_time"))
-_BATCH_FIELDS = frozenset(("records", "seq", "client", "acks", "rewind_to", "dropped", "finished"))
+_BATCH_FIELDS = (
+    frozenset(("records", "seq", "client", "acks", "rewind_to", "dropped", "finished"))
+    | REPORT_FIELDS
+)
 
 
 class PayloadError(WireFormatError):
@@ -58,6 +62,7 @@ class IngestBatch:
         rewind_to: the trainer rolled back and continues from this step.
         dropped: records the client dropped so far (its queue was full).
         finished: the trainer ended the run (after these records): not a stall.
+        report: the trainer's own decisions (None: the service decides for this client).
     """
 
     steps: list[int]
@@ -70,6 +75,7 @@ class IngestBatch:
     rewind_to: int | None = None
     dropped: int = 0
     finished: bool = False
+    report: TrainerReport | None = None
 
     @classmethod
     def of(cls, records: list[StepRecord], **extra: Any) -> IngestBatch:
@@ -166,6 +172,7 @@ def parse_ingest(data: object, run: str, *, max_records: int) -> IngestBatch:
         rewind_to=_rewind_step(data),
         dropped=_optional_int(data, "dropped") or 0,
         finished=_flag(data, "finished"),
+        report=parse_report(data),
     )
 
 

@@ -14,12 +14,19 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from spikewatch.records import Decision
 from spikewatch.service.announce import close_stall, touched_incidents, watch_recovery
-from spikewatch.service.commands import apply_acks, commands_from
+from spikewatch.service.commands import (
+    apply_acks,
+    apply_events,
+    commands_from,
+    trainer_halts,
+    vetoed,
+)
 from spikewatch.service.config import ServiceConfig
 from spikewatch.service.notify import Notice, Notifier
 from spikewatch.service.payloads import IngestBatch, parse_ingest, parse_json
-from spikewatch.service.run import ServiceRun
+from spikewatch.service.run import MirrorMonitor, ServiceRun
 from spikewatch.service.status import RunStatus
 from spikewatch.service.store import EventStore
 from spikewatch.service.store_schema import BatchWrite, StoredRun
@@ -129,6 +136,11 @@ class RunRegistry:
     ) -> None:
         now = self.clock()
         write = BatchWrite(run=run.run, monitor=None, info={})
+        report = batch.report
+        if report is not None:
+            run.use_trainer_decisions()
+            run.config = report.config if report.config is not None else run.config
+            run.restorable = report.restorable if report.restorable is not None else run.restorable
         write.commands += apply_acks(run, batch.acks, notices)
         steps = batch.steps
         last = run.monitor.last_step
@@ -142,12 +154,8 @@ class RunRegistry:
         if steps or batch.finished:
             run.finished = batch.finished  # records after a finish: the run goes on
         was_stalled = run.stalled
-        if steps:
-            decisions = run.observe(batch, now=now)
-            write.body, write.count = body, len(steps)
-            write.first_step, write.last_step = steps[0], steps[-1]
-            write.decisions = [d.to_json() for d in decisions if d.action != "watch"]
-            write.commands += commands_from(run, decisions, notices, approval=self.config.approval)
+        decisions = self._decisions(run, batch, body, write, notices=notices, now=now)
+        if steps or decisions:
             write.incidents = touched_incidents(
                 run, decisions, notices, min_action=self.config.notify_min_action
             )
@@ -157,6 +165,7 @@ class RunRegistry:
             if run.stall_incident:  # records again, or the trainer says it finished
                 write.incidents.append(close_stall(run, notices))
         eventful = bool(write.commands or write.decisions) or rewind_to is not None
+        eventful = eventful or (report is not None and bool(report.events or report.config))
         saved = run.state_saved_at
         if eventful or saved is None or now - saved >= self.config.state_every_s:
             write.snapshot_step = run.due_snapshot(self.config.snapshot_every)
@@ -165,11 +174,50 @@ class RunRegistry:
         write.info = run.info()
         self.store.write(write)
 
+    def _decisions(
+        self,
+        run: ServiceRun,
+        batch: IngestBatch,
+        body: bytes,
+        write: BatchWrite,
+        *,
+        notices: list[Notice],
+        now: float,
+    ) -> list[Decision]:
+        """Observe the records; the decisions to keep: the trainer's, or the service's."""
+        report = batch.report
+        trainer = None if report is None else report.decisions
+        decisions: list[Decision] = []
+        if batch.steps:
+            decisions = run.observe(batch, now=now, decisions=trainer)
+            write.body, write.count = body, len(batch.steps)
+            write.first_step, write.last_step = batch.steps[0], batch.steps[-1]
+        elif trainer and isinstance(run.monitor, MirrorMonitor):
+            run.monitor.adopt(trainer)  # decisions whose records went in an earlier batch
+            run.count_decisions(trainer)
+            decisions = trainer
+        if report is not None:
+            write.commands += apply_events(run, report.events, notices)
+            trainer_halts(run, decisions, notices)
+        if decisions:
+            write.decisions = [d.to_json() for d in decisions if d.action != "watch"]
+            if report is None:
+                approval = self.config.approval
+                write.commands += commands_from(run, decisions, notices, approval=approval)
+        return decisions
+
     def _rewind(self, run: ServiceRun, step: int, write: BatchWrite) -> None:
         last = run.monitor.last_step
         if last is not None and step <= last:
             run.counts["skipped_batches"] += last + 1 - step + run.pending_skip_ahead
             run.pending_skip_ahead = 0
+            if run.trainer_decides:  # the trainer rolled back on its own decision
+                run.counts["rollbacks"] += 1
+                if run.last_rollback is not None:
+                    run.recovery = {
+                        "incident": run.last_rollback["incident"],
+                        "detected_step": run.last_rollback["step"],
+                    }
         run.rewind(step, self.store.snapshot_before(run.run, step))
         run.monitor.last_step = step - 1
         run.last_snapshot_step = None
@@ -184,6 +232,7 @@ class RunRegistry:
             "skip_threshold": threshold if threshold != float("inf") else None,
             "halted": run.halted,
             "incidents": len(run.monitor.incidents),
+            "vetoed": vetoed(run),
         }
 
     def notify(self, notice: Notice) -> None:

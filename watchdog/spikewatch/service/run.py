@@ -8,7 +8,7 @@ from typing import Any
 
 from spikewatch.incidents import Incident
 from spikewatch.monitor import Monitor
-from spikewatch.records import Decision
+from spikewatch.records import Decision, Signal
 from spikewatch.service.payloads import IngestBatch
 from spikewatch.service.status import RunState, RunStatus
 from spikewatch.service.store_schema import StoredRun
@@ -17,6 +17,30 @@ from spikewatch.settings import MonitorConfig
 #: Command statuses: ``proposed`` waits for an operator; ``pending`` is sent to the
 #: trainer with every ingest response until it acknowledges it (``applied``).
 LIVE_STATUSES = ("proposed", "pending")
+
+
+class MirrorMonitor(Monitor):
+    """A run whose trainer decides: detectors for the scores, incidents from its decisions.
+
+    The service's own policy stays out of it (the trainer's monitor is authoritative);
+    `adopt` folds the trainer's decisions into incidents exactly as `Monitor` does.
+    """
+
+    def _decide(self, signals: list[Signal]) -> list[Decision]:
+        return []
+
+    def adopt(self, decisions: list[Decision]) -> None:
+        """Open or fold the incidents of the trainer's ``decisions``."""
+        known = {i.id: i for i in self.incidents}
+        for d in decisions:
+            if d.signal is None:
+                continue
+            incident = known.get(d.signal.incident)
+            if incident is None:
+                known[d.signal.incident] = incident = Incident.open(d)
+                self.restore_incidents([incident])
+            else:
+                incident.fold(d)
 
 
 class ServiceRun:
@@ -56,22 +80,57 @@ class ServiceRun:
         self.stall_incident: str | None = None  # the open stall incident, if any
         self.announced: set[str] = set()  # incidents already sent to the notifier
         self.pending_skip_ahead = 0  # batches an applied rollback skips ahead (counted at rewind)
+        self.trainer_decides = False  # its trainer's monitor decides; the service watches
+        self.config: dict[str, Any] | None = None  # the trainer's effective settings
+        self.restorable: list[int] | None = None  # steps the trainer can restore now
+        self.last_rollback: dict[str, Any] | None = None  # the trainer's newest rollback
 
     # -- ingest -------------------------------------------------------------------------
-    def observe(self, batch: IngestBatch, *, now: float) -> list[Decision]:
-        """Feed a batch to the monitor; track the latest values and signal counts."""
-        decisions = self.monitor.observe_columns(batch.steps, batch.loss, batch.grad_norm)
+    def use_trainer_decisions(self) -> None:
+        """From now on the trainer decides: keep the detectors, drop the service's policy."""
+        if self.trainer_decides:
+            return
+        mirror = MirrorMonitor(run=self.run, config=self.monitor.config)
+        mirror.load_state_dict(self.monitor.state_dict())
+        mirror.restore_incidents(self.monitor.incidents)
+        self.monitor, self.trainer_decides = mirror, True
+
+    def observe(
+        self, batch: IngestBatch, *, now: float, decisions: list[Decision] | None = None
+    ) -> list[Decision]:
+        """Feed a batch to the monitor; track the latest values and signal counts.
+
+        ``decisions``: the trainer's own (service mode), folded into incidents instead
+        of the service's.
+        """
+        own = self.monitor.observe_columns(batch.steps, batch.loss, batch.grad_norm)
+        if decisions is None:
+            decisions = own
+        elif isinstance(self.monitor, MirrorMonitor):
+            self.monitor.adopt(decisions)
+        self._track(batch, now)
+        self.count_decisions(decisions)
+        return decisions
+
+    def count_decisions(self, decisions: list[Decision]) -> None:
+        """Signals and skipped updates, whoever decided."""
+        # Loss and grad norm may both flag one step: it is still one skipped update.
+        self.counts["skipped_steps"] += len({d.step for d in decisions if d.action == "skip_step"})
+        for d in decisions:
+            if d.signal is not None:
+                self.signals[d.signal.kind] += 1
+            if d.action == "rollback" and self.trainer_decides:
+                incident = d.signal.incident if d.signal else ""
+                self.last_rollback = {"incident": incident, "step": d.step}
+                self.pending_skip_ahead = d.skip_ahead
+
+    def _track(self, batch: IngestBatch, now: float) -> None:
+        """Keep the latest values and the recent curve."""
         self.last_record_time, self.loss = now, batch.loss[-1]
         self.grad_norm = _last_given(batch.grad_norm, self.grad_norm)
         self.lr = _last_given(batch.lr, self.lr)
         self.recent.extend(zip(batch.steps, batch.loss, strict=True))
         self.stalled = False
-        for d in decisions:
-            if d.signal is not None:
-                self.signals[d.signal.kind] += 1
-            if d.action == "skip_step":
-                self.counts["skipped_steps"] += 1
-        return decisions
 
     def rewind(self, step: int, snapshot: dict[str, Any] | None) -> None:
         """The trainer rolled back and continues at ``step``: rewind detection with it.
@@ -124,6 +183,9 @@ class ServiceRun:
             incidents_open=sum(i.status == "open" for i in incidents),
             incidents_total=len(incidents),
             client_dropped=self.client_dropped,
+            decides="trainer" if self.trainer_decides else "service",
+            config=self.config,
+            restorable=self.restorable,
         )
 
     def live_commands(self, status: str = "pending") -> list[dict[str, Any]]:
@@ -154,6 +216,10 @@ class ServiceRun:
             "announced": sorted(self.announced),
             "stall_incident": self.stall_incident,
             "pending_skip_ahead": self.pending_skip_ahead,
+            "trainer_decides": self.trainer_decides,
+            "config": self.config,
+            "restorable": self.restorable,
+            "last_rollback": self.last_rollback,
         }
 
     @classmethod
@@ -187,6 +253,10 @@ class ServiceRun:
         run.announced = set(info["announced"])
         run.stall_incident = info["stall_incident"]
         run.pending_skip_ahead = int(info["pending_skip_ahead"])
+        if info.get("trainer_decides"):
+            run.use_trainer_decisions()
+        run.config, run.restorable = info.get("config"), info.get("restorable")
+        run.last_rollback = info.get("last_rollback")
         run.commands = {c["id"]: c for c in commands}
         for r in recent:  # in arrival order; a step going back drops the abandoned branch
             step = int(r["step"])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 RunState = Literal["active", "stalled", "halted", "finished"]
 
@@ -31,6 +31,10 @@ class RunStatus:
         incidents_open: incidents not yet confirmed or closed.
         incidents_total: incidents opened so far.
         client_dropped: records the trainer-side client reported dropping (queue full).
+        decides: ``trainer`` (its own monitor decides, the service watches) or
+            ``service`` (a client that only sends records).
+        config: the trainer's effective settings, as it reported them (None if not).
+        restorable: the steps the trainer said it can restore (its snapshot ring).
     """
 
     run: str
@@ -49,6 +53,9 @@ class RunStatus:
     incidents_open: int = 0
     incidents_total: int = 0
     client_dropped: int = 0
+    decides: Literal["trainer", "service"] = "service"
+    config: dict[str, Any] | None = None
+    restorable: list[int] | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
