@@ -44,6 +44,7 @@ import math
 import os
 import re
 import sys
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -203,8 +204,11 @@ def train_reference(tokens: torch.Tensor, vocab_size: int, s: Settings) -> float
     return held_out_loss(model.module, tokens, s)
 
 
-def train_guarded(tokens: torch.Tensor, vocab_size: int, s: Settings) -> dict[str, Any]:
-    """The same run on data with a bad range on one rank, watched by `SpikeGuard`."""
+def train_guarded(
+    tokens: torch.Tensor, vocab_size: int, s: Settings, monitor_url: str | None = None
+) -> dict[str, Any]:
+    """The same run on data with a bad range on one rank, watched by `SpikeGuard`
+    (reporting to a `spikewatch serve` at ``monitor_url``: rank 0 talks to it)."""
     model, opt, sched = make_training(vocab_size, s)
     rank, world = dist.get_rank(), dist.get_world_size()
     guard = SpikeGuard(
@@ -215,6 +219,7 @@ def train_guarded(tokens: torch.Tensor, vocab_size: int, s: Settings) -> dict[st
         config=s.guard_config(),
         snapshot_every=s.snapshot_every,
         keep_snapshots=8,
+        monitor_url=monitor_url,  # token: $SPIKEWATCH_TOKEN
     )  # a process group of > 1 rank is initialised: the guard decides in lockstep
     stream = global_batches(tokens, s, rank=rank, world_size=world, poison=True)
     for batch in guard.batches(stream):
@@ -223,6 +228,7 @@ def train_guarded(tokens: torch.Tensor, vocab_size: int, s: Settings) -> dict[st
         opt.zero_grad(set_to_none=True)
         if guard.step_count >= s.steps or guard.halted:
             break
+    guard.close()  # every rank: the last steps are gathered, then rank 0 delivers them
     stats = guard.stats
     return {
         "world_size": world,
@@ -235,6 +241,25 @@ def train_guarded(tokens: torch.Tensor, vocab_size: int, s: Settings) -> dict[st
         "incident_ranks": ranks_named(stats["last_incident_ranks"], world),
         "incident": stats["last_incident_ranks"],
         "steps": guard.step_count,
+    }
+
+
+def service_view(url: str, run: str) -> dict[str, Any]:
+    """What the service holds about the run: its status and incidents (rank 0 asks)."""
+    views = {}
+    for name, path in (("run", f"/v1/runs/{run}"), ("incidents", f"/v1/runs/{run}/incidents")):
+        with urllib.request.urlopen(url.rstrip("/") + path, timeout=10) as answer:
+            views[name] = json.loads(answer.read())
+    run_view = views["run"]
+    return {
+        "records": run_view["records"],
+        "last_step": run_view["last_step"],
+        "rollbacks": run_view["rollbacks"],
+        "decides": run_view["decides"],
+        "incidents": [
+            {"kind": i["kind"], "onset_step": i["onset_step"], "action": i["action"]}
+            for i in views["incidents"]["incidents"]
+        ],
     }
 
 
@@ -282,6 +307,11 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, argparse.Namespace
         default=0.05,
         help="healthy if the final loss is at most this fraction above the clean run's",
     )
+    parser.add_argument(
+        "--monitor-url",
+        default=None,
+        help="report to a `spikewatch serve` at this URL (token from $SPIKEWATCH_TOKEN)",
+    )
     args = parser.parse_args(argv)
     if args.steps < 50:
         parser.error(f"--steps {args.steps}: use at least 50 (the detectors warm up first)")
@@ -299,13 +329,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         corpus = CharCorpus(corpus_text())
         reference = train_reference(corpus.tokens, corpus.vocab_size, s)
-        result = train_guarded(corpus.tokens, corpus.vocab_size, s)
+        result = train_guarded(corpus.tokens, corpus.vocab_size, s, args.monitor_url)
     except PeerFailureError as exc:  # a peer died or stalled: stop, don't hang
         log.error("rank %d: %s", rank, exc)
         return 2
     result["reference_loss"] = reference
     ok = healthy(result, args.tolerance)
     if rank == 0:
+        if args.monitor_url:
+            result["service"] = service_view(args.monitor_url, "ddp-example")
         print(json.dumps({**result, "healthy": ok}), flush=True)
     dist.barrier()  # every rank done before the group goes
     dist.destroy_process_group()
