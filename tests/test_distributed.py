@@ -86,3 +86,49 @@ def test_a_bad_shard_on_one_rank_rolls_back_every_rank_alike(tmp_path: Path) -> 
     assert start <= POISON.start and stop >= POISON.stop
     assert "rank(s) [1] saw it" in r0["ranks"]
     assert math.isfinite(r0["final_loss"]) and r0["final_loss"] < 1.0
+
+
+def _early_worker(rank: int, store: str, out: str) -> None:
+    """A script that builds everything first, then joins the process group."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    config = MonitorConfig(policy=PolicyConfig(margin=10, skip_ahead=30))
+    guard = SpikeGuard(model=net, optimizer=opt, config=config, snapshot_every=10)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    for p in net.parameters():  # what DDP does at construction: start from rank 0's weights
+        dist.broadcast(p.data, src=0)
+    for x, y in guard.batches(_shard(p, rank) for p in range(10_000)):
+        loss = torch.nn.functional.mse_loss(net(x), y)
+        loss.backward()  # type: ignore[no-untyped-call]
+        for p in net.parameters():  # DDP's gradient average, by hand
+            assert p.grad is not None
+            dist.all_reduce(p.grad)
+            p.grad /= 2
+        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        guard.step(loss=loss, grad_norm=grad_norm)
+        opt.zero_grad(set_to_none=True)
+        if guard.step_count >= STEPS:
+            break
+    flat = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(2)]
+    dist.all_gather(gathered, flat)
+    result = {
+        "lockstep": guard.engine.lockstep is not None,
+        "rollbacks": guard.stats["rollbacks"],
+        "ledger": guard.stats["skip_ledger"],
+        "identical": bool(torch.equal(gathered[0], gathered[1])),
+    }
+    Path(out, f"early{rank}.json").write_text(json.dumps(result))
+    dist.barrier()
+    os._exit(0)
+
+
+def test_a_guard_built_before_init_process_group_joins_the_lockstep(tmp_path: Path) -> None:
+    mp.spawn(_early_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)  # type: ignore[attr-defined,no-untyped-call]
+    r0, r1 = (json.loads((tmp_path / f"early{r}.json").read_text()) for r in (0, 1))
+    assert r0["lockstep"] and r1["lockstep"]
+    assert r0["rollbacks"] == r1["rollbacks"] >= 1  # the bad shard on rank 1: both roll back
+    assert r0["ledger"] == r1["ledger"]
+    assert r0["identical"] and r1["identical"]
