@@ -7,8 +7,12 @@ examples and a poisoned range sits at the same data positions in every run.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -298,3 +302,25 @@ def test_poisoned_run_recovers_through_the_monitor_service(
     assert run["rollbacks"] >= 1 and run["skipped_batches"] > 0
     assert run["state"] == "finished"  # the callback said so at the end of training
     assert run["records"] >= s.steps
+
+
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed next to python")
+def test_multi_process_trainer_reports_once_to_the_service(tmp_path: Path) -> None:
+    with ServiceProcess(tmp_path) as svc:
+        done = subprocess.run(
+            [str(TORCHRUN), "--standalone", "--nproc_per_node=2", "tests/hf_ddp_worker.py",
+             str(tmp_path), svc.url],
+            cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+            timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "SPIKEWATCH_TOKEN": TOKEN},
+            check=False,
+        )  # fmt: skip
+        _, run = svc.get("/v1/runs/hf-ddp")
+    assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr[-4000:]}"
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0 == r1 and r0["rollbacks"] >= 1 and r0["identical"] and r0["lockstep"]
+    assert run["decides"] == "trainer" and run["state"] == "finished"
+    assert run["rollbacks"] == r0["rollbacks"]  # one client (rank 0), counted once
+    assert run["last_step"] == r0["step_count"] - 1

@@ -126,10 +126,13 @@ def make_trainer(
     )
 
 
-def guard_callback() -> SpikewatchCallback:
-    """The policy sized to this short run (a real run keeps the 100-step defaults)."""
+def guard_callback(**service: str) -> SpikewatchCallback:
+    """The policy sized to this short run (a real run keeps the 100-step defaults);
+    ``service``: ``monitor_url`` and ``token`` of a `spikewatch serve`."""
     config = MonitorConfig(policy=PolicyConfig(margin=20, skip_ahead=POISON_BATCHES))
-    return SpikewatchCallback(run_id="mlp", config=config, snapshot_every=10, keep_snapshots=8)
+    return SpikewatchCallback(
+        run_id="mlp", config=config, snapshot_every=10, keep_snapshots=8, **service
+    )
 
 
 def held_out_loss(model: Classifier) -> float:

@@ -14,6 +14,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
+from service_process import TOKEN, ServiceProcess
 from test_lightning_callback import (
     BATCH,
     CLASSES,
@@ -76,7 +77,7 @@ class RankShards(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
         return self.x[rows], y
 
 
-def test_ddp_ranks_roll_back_alike(tmp_path: Path) -> None:
+def _fit(out: Path, **service: str) -> tuple[dict[str, Any], dict[str, Any]]:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     trainer = pl.Trainer(
@@ -89,11 +90,17 @@ def test_ddp_ranks_roll_back_alike(tmp_path: Path) -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
         gradient_clip_val=1.0,
-        callbacks=[guard_callback(), Recorder(str(tmp_path))],
+        callbacks=[guard_callback(**service), Recorder(str(out))],
         use_distributed_sampler=False,  # the dataset shards by rank itself
     )
     trainer.fit(Classifier(), DataLoader(RankShards(), batch_size=None, shuffle=False))
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert torch.equal(torch.load(out / "params0.pt"), torch.load(out / "params1.pt"))
+    return r0, r1
+
+
+def test_ddp_ranks_roll_back_alike(tmp_path: Path) -> None:
+    r0, r1 = _fit(tmp_path)
     assert r0["rollbacks"] >= 1
     assert r0 == r1  # same rollbacks, ledger, attribution and step on both ranks
     assert r0["lockstep"]
@@ -101,4 +108,15 @@ def test_ddp_ranks_roll_back_alike(tmp_path: Path) -> None:
     start, stop = r0["ledger"][0]
     assert start <= POISON_START and stop >= POISON_START + POISON_BATCHES
     assert "rank(s) [1] saw it" in r0["ranks"]
-    assert torch.equal(torch.load(tmp_path / "params0.pt"), torch.load(tmp_path / "params1.pt"))
+
+
+def test_ddp_ranks_report_once_to_the_service(tmp_path: Path) -> None:
+    with ServiceProcess(tmp_path) as svc:  # the callback is pickled into 2 spawned ranks
+        r0, r1 = _fit(tmp_path, monitor_url=svc.url, token=TOKEN)
+        _, run = svc.get("/v1/runs/mlp")
+        _, incidents = svc.get("/v1/runs/mlp/incidents")
+    assert r0 == r1 and r0["rollbacks"] >= 1 and r0["step_count"] == STEPS
+    assert run["decides"] == "trainer" and run["state"] == "finished"
+    assert run["rollbacks"] == r0["rollbacks"]  # one client: counted once, not per rank
+    assert run["last_step"] == STEPS - 1
+    assert any(i["action"] == "rollback" for i in incidents["incidents"])
