@@ -126,13 +126,14 @@ def make_trainer(
     )
 
 
-def guard_callback(**service: str) -> SpikewatchCallback:
+def guard_callback(monitor_url: str | None = None, token: str | None = None) -> SpikewatchCallback:
     """The policy sized to this short run (a real run keeps the 100-step defaults);
-    ``service``: ``monitor_url`` and ``token`` of a `spikewatch serve`."""
+    ``monitor_url``/``token``: a `spikewatch serve` to report to."""
     config = MonitorConfig(policy=PolicyConfig(margin=20, skip_ahead=POISON_BATCHES))
     return SpikewatchCallback(
-        run_id="mlp", config=config, snapshot_every=10, keep_snapshots=8, **service
-    )
+        run_id="mlp", config=config, snapshot_every=10, keep_snapshots=8,
+        monitor_url=monitor_url, token=token,
+    )  # fmt: skip
 
 
 def held_out_loss(model: Classifier) -> float:

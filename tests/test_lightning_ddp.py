@@ -77,7 +77,9 @@ class RankShards(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
         return self.x[rows], y
 
 
-def _fit(out: Path, **service: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def _fit(
+    out: Path, monitor_url: str | None = None, token: str | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     trainer = pl.Trainer(
@@ -90,7 +92,7 @@ def _fit(out: Path, **service: str) -> tuple[dict[str, Any], dict[str, Any]]:
         enable_progress_bar=False,
         enable_model_summary=False,
         gradient_clip_val=1.0,
-        callbacks=[guard_callback(**service), Recorder(str(out))],
+        callbacks=[guard_callback(monitor_url, token), Recorder(str(out))],
         use_distributed_sampler=False,  # the dataset shards by rank itself
     )
     trainer.fit(Classifier(), DataLoader(RankShards(), batch_size=None, shuffle=False))
