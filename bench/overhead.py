@@ -18,18 +18,28 @@ without a snapshot plus the snapshots spread over all steps:
 Cross-check: the paired gap of whole steps (process CPU time), noisy on a busy host.
 A hot-cache microbenchmark of ``guard.step`` with a no-op optimizer and scheduler
 shows the guard's floor and where the µs go.
+Service mode: each measured size again with ``monitor_url=`` a real ``spikewatch serve``
+started by the bench on loopback (the guard's own monitor still decides; the client only
+queues records and decisions for its sender thread); the table's last line is its
+overhead minus the embedded one.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import itertools
 import json
+import os
 import random
+import socket
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -299,15 +309,22 @@ def guard_step_cost(steps: int, warmup: int = 300) -> dict[str, Any]:
     }
 
 
-def measure_size(size: Size, floor_us: float = 0.0) -> dict[str, Any]:
+def measure_size(size: Size, floor_us: float = 0.0, service: str | None = None) -> dict[str, Any]:
     """Everything the report says about one size.
 
     ``floor_us``: for an accounted row, the per-step cost measured on the measured rows.
     A few steps leave the detectors in their (cheaper) warm-up, and the per-step path
     does not depend on the model, so the larger of the two is used.
+    ``service``: the URL of a `spikewatch serve` to report to (service mode).
     """
     run = make_run(size)
-    guard = SpikeGuard(model=run.model, optimizer=run.optimizer, scheduler=run.scheduler)
+    guard = SpikeGuard(
+        model=run.model,
+        optimizer=run.optimizer,
+        scheduler=run.scheduler,
+        monitor_url=service,
+        token=SERVICE_TOKEN if service else None,
+    )
     pairs = summarise_pairs(time_pairs(run, guard, size.pairs))
     snap = snapshot_cost(run, guard, size.snapshot_repeats)
     own = pairs["own"]
@@ -317,6 +334,7 @@ def measure_size(size: Size, floor_us: float = 0.0) -> dict[str, Any]:
     else:
         added_us = max(own["per_step_median_us"], floor_us) + snap["amortised_us_per_step"]
     bare_us = pairs["bare_step_us"]
+    guard.close(timeout=5.0)  # service mode: deliver, finish, stop the sender thread
     return {
         "params": sum(p.numel() for p in run.model.parameters()),
         "basis": "measured" if measured else "accounted",
@@ -328,7 +346,37 @@ def measure_size(size: Size, floor_us: float = 0.0) -> dict[str, Any]:
         "snapshot": snap,
         "guard_stats": {k: guard.stats[k] for k in ("rollbacks", "skipped_steps", "incidents")},
         "model": asdict(size),
+        "mode": "service" if service else "embedded",
     }
+
+
+SERVICE_TOKEN = "bench-token-0123456789"
+
+
+@contextlib.contextmanager
+def running_service() -> Iterator[str]:
+    """A real `spikewatch serve` on a free loopback port with a throwaway store."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "spikewatch.cli", "serve", "--port", str(port),
+               "--db", os.path.join(tmp, "events.db")]  # fmt: skip
+        env = {**os.environ, "SPIKEWATCH_TOKEN": SERVICE_TOKEN}
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                try:
+                    with urllib.request.urlopen(url + "/healthz", timeout=1):
+                        break
+                except OSError:
+                    time.sleep(0.1)
+            yield url
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
 
 
 def benchmark(sizes: Sequence[Size], threads: int, microbench_steps: int) -> dict[str, Any]:
@@ -340,14 +388,25 @@ def benchmark(sizes: Sequence[Size], threads: int, microbench_steps: int) -> dic
         results[size.name] = r = measure_size(size, floor)
         if r["basis"] == "measured":
             floor = max(floor, r["in_loop"]["own"]["per_step_median_us"])
+    service_rows = {}
+    with running_service() as url:  # service mode: the same sizes, reporting to a service
+        for size in sizes:
+            if results[size.name]["basis"] == "measured":
+                service_rows[f"{size.name} (service)"] = measure_size(size, service=url)
+    gap = max(
+        row["overhead_pct"] - results[name.removesuffix(" (service)")]["overhead_pct"]
+        for name, row in service_rows.items()
+    )
     return {
         "overhead_pct": max(r["overhead_pct"] for r in results.values()),
+        "service_added_pct": gap,
+        "service_target_pct": 0.5,
         "target_pct": 1.0,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "snapshot_every": SNAPSHOT_EVERY,
         "keep_snapshots": 4,
-        "sizes": {s.name: results[s.name] for s in sizes},
+        "sizes": {**{s.name: results[s.name] for s in sizes}, **service_rows},
         "microbench": guard_step_cost(microbench_steps),
     }
 
@@ -392,6 +451,8 @@ def report_text(result: dict[str, Any]) -> str:
         f"median {g['guard_step_median_us']:.1f} µs, mean {g['guard_step_mean_us']:.1f}, "
         f"max {g['guard_step_max_us']:.0f}; median µs: {pieces}",
         f"headline overhead: {result['overhead_pct']:.3f}% (target <= {result['target_pct']}%)",
+        f"service mode adds {result['service_added_pct']:.3f}% of the step over embedded "
+        f"(target <= {result['service_target_pct']}%)",
     ]
     return "\n".join(lines)
 
