@@ -248,12 +248,35 @@ record_like = st.fixed_dictionaries(
         name: numbers | json_values for name in ("grad_norm", "lr", "data_position", "wall_time")
     },
 )
+signal_like = st.fixed_dictionaries(
+    {"run": st.text(max_size=3), "kind": st.sampled_from(["spike", "nonfinite", "x"]),
+     "metric": st.sampled_from(["loss", "grad_norm"]), "step": edge_ints, "value": numbers,
+     "score": numbers, "baseline": numbers, "onset_step": edge_ints | json_values,
+     "peak_step": edge_ints},
+    optional={"incident": st.text(max_size=4) | json_values, "end_step": json_values},
+)  # fmt: skip
+decision_like = st.fixed_dictionaries(
+    {"run": st.text(max_size=3) | json_values, "step": edge_ints | json_values,
+     "action": st.sampled_from(["watch", "skip_step", "rollback", "halt", "boom"]),
+     "reason": st.text(max_size=5) | json_values},
+    optional={"signal": signal_like | json_values, "rollback_before_step": edge_ints | json_values,
+              "lr_factor": numbers | json_values, "skip_ahead": edge_ints | json_values},
+)  # fmt: skip
+event_like = st.fixed_dictionaries(
+    {"event": st.sampled_from(["proposed", "folded", "refused", "expired", "other"])},
+    optional={"proposal": json_values, "decision": decision_like | json_values,
+              "outcome": json_values, "reason": json_values},
+)  # fmt: skip
 ingest_like = st.fixed_dictionaries(
     {"records": st.lists(record_like, max_size=6)},
     optional={
         "seq": edge_ints | json_values, "client": st.text(max_size=4) | json_values,
         "acks": st.lists(st.text(max_size=4)) | json_values, "rewind_to": edge_ints | json_values,
         "dropped": edge_ints | json_values,
+        # A deciding trainer's report: decisions, events, settings, restorable steps.
+        "decisions": st.lists(decision_like | json_values, max_size=3) | json_values,
+        "events": st.lists(event_like | json_values, max_size=3) | json_values,
+        "config": json_values, "restorable": st.lists(edge_ints, max_size=3) | json_values,
     },
 )  # fmt: skip
 
@@ -283,7 +306,8 @@ def test_openapi_lists_every_route_and_the_ingest_schema(client: TestClient) -> 
     schema = post["requestBody"]["content"]["application/json"]["schema"]
     assert schema["required"] == ["records"]
     assert schema["properties"].keys() == {
-        "records", "seq", "client", "acks", "rewind_to", "dropped"
+        "records", "seq", "client", "acks", "rewind_to", "dropped", "finished",
+        "decisions", "events", "config", "restorable",
     }  # fmt: skip
     item = schema["properties"]["records"]["items"]
     assert (item["required"], item["additionalProperties"]) == (["step", "loss"], False)

@@ -42,7 +42,10 @@ def _number(kind: str, name: str, value: object, *, optional: bool) -> float | N
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         want = "a number or null" if optional else "a number (NaN and Infinity allowed)"
         raise _field_error(kind, name, value, want)
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an integer beyond the largest float
+        raise _field_error(kind, name, value, "a number within the float range") from None
 
 
 def _integer(kind: str, name: str, value: object, *, optional: bool) -> int | None:

@@ -40,6 +40,30 @@ _INGEST_BODY = {
                     "acks": {"type": "array", "items": {"type": "string"}},
                     "rewind_to": {"type": ["integer", "null"]},
                     "dropped": {"type": ["integer", "null"]},
+                    "finished": {"type": "boolean"},
+                    "decisions": {
+                        "type": "array",
+                        "items": {"type": "object"},
+                        "description": "the trainer's own decisions (Decision JSON): the "
+                        "trainer decides, the service stores and announces them",
+                    },
+                    "events": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["event"],
+                            "properties": {
+                                "event": {"enum": ["proposed", "folded", "refused", "expired"]}
+                            },
+                        },
+                        "description": "what the trainer did about proposals and commands",
+                    },
+                    "config": {"type": "object", "description": "the trainer's settings"},
+                    "restorable": {
+                        "type": "array",
+                        "items": {"type": "integer"},
+                        "description": "steps the trainer can restore now",
+                    },
                 },
                 "additionalProperties": False,
             }
@@ -100,6 +124,8 @@ class IngestOut(BaseModel):
     commands: list[dict[str, Any]]
     skip_threshold: float | None
     halted: bool
+    incidents: int
+    vetoed: list[str]
 
 
 def build_openapi(app: FastAPI) -> dict[str, Any]:

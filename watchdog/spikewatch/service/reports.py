@@ -50,7 +50,10 @@ def parse_report(data: dict[str, Any]) -> TrainerReport | None:
             raise _error("decisions", "events, config and restorable need a decisions array")
         return None
     return TrainerReport(
-        decisions=[_decision(d, i) for i, d in enumerate(_array(data["decisions"], "decisions"))],
+        decisions=[
+            _decision(d, f"decisions[{i}]")
+            for i, d in enumerate(_array(data["decisions"], "decisions"))
+        ],
         events=[_event(e, i) for i, e in enumerate(_array(data.get("events", []), "events"))],
         config=_config(data.get("config")),
         restorable=_steps(data.get("restorable")),
@@ -63,11 +66,11 @@ def _array(value: object, name: str) -> list[Any]:
     return value
 
 
-def _decision(value: object, i: int) -> Decision:
+def _decision(value: object, path: str) -> Decision:
     try:
         return Decision.from_json(value)
     except (WireFormatError, TypeError) as exc:
-        raise _error(f"decisions[{i}]", f"decisions[{i}] is invalid: {exc}") from exc
+        raise _error(path, f"{path} is invalid: {exc}") from exc
 
 
 def _event(value: object, i: int) -> dict[str, Any]:
@@ -75,6 +78,13 @@ def _event(value: object, i: int) -> dict[str, Any]:
         raise _error(
             f"events[{i}]", f"events[{i}] must be an object whose event is one of {sorted(EVENTS)}"
         )
+    if value["event"] in ("proposed", "folded", "expired"):
+        proposal = value.get("proposal")
+        if type(proposal) is not str or not 0 < len(proposal) <= 64:
+            raise _error(f"events[{i}].proposal", f"events[{i}].proposal must be an id string")
+    if value["event"] == "proposed":
+        decision = _decision(value.get("decision"), f"events[{i}].decision")
+        return {**value, "decision": decision.to_json()}
     return value
 
 
