@@ -191,3 +191,35 @@ def test_an_operator_rollback_beyond_the_ring_is_refused(tmp_path: Path) -> None
     assert status == 409
     assert "no snapshot at or before step 50" in answer["error"]
     assert guard.stats["rollbacks"] == 0
+
+
+def test_a_service_killed_mid_run_changes_nothing_in_training(tmp_path: Path) -> None:
+    data = _data(600)
+    model, opt = _mlp()
+    embedded = SpikeGuard(model, opt, run_id="k")
+    _train(embedded, model, opt, data, poison=_level_shift(300))
+    embedded.close()  # the last steps reach its monitor too
+    reference = [p.detach().clone() for p in model.parameters()]
+
+    model, opt = _mlp()
+    with ServiceProcess(tmp_path) as svc:
+        guard = SpikeGuard(model, opt, run_id="k", monitor_url=svc.url, token=TOKEN)
+        client = guard.transport.client  # type: ignore[attr-defined]
+
+        def outage(step: int) -> None:
+            position = guard.engine.position  # steps rewind with a rollback; data does not
+            if position == 150:
+                svc.kill()
+            elif position == 450:
+                _wait(lambda: client.failures > 0)  # the sender noticed; training went on
+                svc.start()
+
+        _train(guard, model, opt, data, poison=_level_shift(300), between=outage)
+        guard.close(timeout=30)
+        _, run = svc.get("/v1/runs/k")
+    # The same decisions, step for step, as the embedded monitor: bit-identical weights.
+    assert guard.stats["rollbacks"] == embedded.stats["rollbacks"] >= 1
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference, strict=True))
+    # Every record once: the steps of both branches around the rollback, no duplicates.
+    assert run["records"] == embedded.engine.transport.monitor.records  # type: ignore[attr-defined]
+    assert run["rollbacks"] == guard.stats["rollbacks"] and run["state"] == "finished"
