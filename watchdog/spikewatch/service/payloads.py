@@ -18,7 +18,7 @@ import orjson
 
 from spikewatch.errors import WireFormatError
 from spikewatch.records import StepRecord
-from spikewatch.service.reports import REPORT_FIELDS, TrainerReport, parse_report
+from spikewatch.service.reports import REPORT_FIELDS, ReportError, TrainerReport, parse_report
 
 #: Run ids appear in URLs, metric labels and Slack: keep them plain.
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}$")
@@ -172,8 +172,15 @@ def parse_ingest(data: object, run: str, *, max_records: int) -> IngestBatch:
         rewind_to=_rewind_step(data),
         dropped=_optional_int(data, "dropped") or 0,
         finished=_flag(data, "finished"),
-        report=parse_report(data),
+        report=_report(data),
     )
+
+
+def _report(data: dict[str, Any]) -> TrainerReport | None:
+    try:
+        return parse_report(data)
+    except ReportError as exc:
+        raise PayloadError(exc.field, str(exc)) from exc
 
 
 def _rewind_step(data: dict[str, Any]) -> int | None:

@@ -43,7 +43,7 @@ class TrainerReport:
 def parse_report(data: dict[str, Any]) -> TrainerReport | None:
     """The report in an ingest body; None for a client that leaves deciding to the service.
 
-    Raises `WireFormatError` (the caller's 422) naming the bad field.
+    Raises `ReportError` (the caller's 422) naming the bad field.
     """
     if "decisions" not in data:
         if REPORT_FIELDS & data.keys():
@@ -102,8 +102,13 @@ def _steps(value: object) -> list[int] | None:
     return value
 
 
-def _error(name: str, message: str) -> WireFormatError:
-    # Imported here: payloads imports this module for its field names.
-    from spikewatch.service.payloads import PayloadError  # noqa: PLC0415
+class ReportError(WireFormatError):
+    """A bad report field; ``field`` is its JSON path (the ingest's 422 names it)."""
 
-    return PayloadError(name, message)
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def _error(name: str, message: str) -> ReportError:
+    return ReportError(name, message)
