@@ -29,11 +29,12 @@ class RobustSpikeDetector:
     Logged values are often rounded (the HF Trainer keeps 4 decimals, llm.c prints the
     grad norm with 2), and then the MAD of a quiet stretch is 0. The detector therefore
     tracks the data's `resolution` (the smallest non-zero step between consecutive
-    accepted values) and never lets the spread fall below half of it.
+    accepted values; while all of them are one repeated number, the last decimal that
+    number was written with) and never lets the spread fall below half a step.
 
     A value is a spike when ``x > baseline + threshold * spread``, it rises at least
-    ``min_rise`` (a fraction of the baseline) above it, and the rise is more than one
-    resolution step (what the log cannot resolve is never a spike). Nothing is flagged during the
+    ``min_rise`` (a fraction of the baseline) above it, and by more than 1.5 resolution
+    steps (what the log cannot resolve is never a spike). Nothing is flagged during the
     first ``warmup`` values. After ``max_consecutive`` flags in a row the values are a
     new level, not a spike: the window restarts from them and `level_shift` is set.
 
@@ -52,6 +53,14 @@ class RobustSpikeDetector:
         [200]
         >>> round(det.score, 2) < 8.0
         True
+
+        The same on a loss of ~1e-4 logged with 4 decimals, whose MAD is 0:
+
+        >>> tiny = [round(1e-4 * (1 + 0.3 * rng.gauss(0, 1)), 4) for _ in range(400)]
+        >>> tiny[300] = 0.001   # ten times the level; 0.0002 steps are not spikes
+        >>> det = RobustSpikeDetector()
+        >>> [t for t, x in enumerate(tiny) if det.update(x)], det.resolution
+        ([300], 0.0001)
     """
 
     def __init__(
