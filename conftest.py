@@ -7,8 +7,8 @@ import importlib.util
 collect_ignore = [
     path
     for path, framework in (
-        ("hooks/spikewatch_hooks/hf.py", "transformers"),
-        ("hooks/spikewatch_hooks/lightning.py", "lightning"),
+        ("hooks/spikewatch_hooks/adapters/hf.py", "transformers"),
+        ("hooks/spikewatch_hooks/adapters/lightning.py", "lightning"),
     )
     if importlib.util.find_spec(framework) is None
 ]

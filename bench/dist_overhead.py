@@ -39,10 +39,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from overhead import Probe  # bench/ is the script's folder
-from spikewatch_hooks import distributed
-from spikewatch_hooks.distributed import Lockstep
+from spikewatch_hooks.core.values import StepValues
+from spikewatch_hooks.distributed import lockstep as distributed
+from spikewatch_hooks.distributed.lockstep import Lockstep
 from spikewatch_hooks.guard import SpikeGuard
-from spikewatch_hooks.values import StepValues
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ddp_train.py"
 WORLD_SIZE = 2

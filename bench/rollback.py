@@ -34,8 +34,8 @@ from typing import Any
 import torch
 
 from spikewatch_hooks.demo.model import TinyGPT
-from spikewatch_hooks.rng import rng_state, set_rng_state
-from spikewatch_hooks.snapshots import Snapshot, SnapshotRing
+from spikewatch_hooks.state.rng import rng_state, set_rng_state
+from spikewatch_hooks.state.snapshots import Snapshot, SnapshotRing
 
 
 @dataclass(frozen=True, kw_only=True)

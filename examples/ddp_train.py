@@ -59,7 +59,7 @@ from spikewatch.policy import PolicyConfig
 from spikewatch.settings import MonitorConfig
 from spikewatch_hooks.demo.corpus import CharCorpus, corpus_text
 from spikewatch_hooks.demo.model import TinyGPT
-from spikewatch_hooks.distributed import PeerFailureError
+from spikewatch_hooks.distributed.lockstep import PeerFailureError
 from spikewatch_hooks.guard import SpikeGuard
 
 Batch = tuple[torch.Tensor, torch.Tensor]

@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
 import torch.distributed as dist
 
+from spikewatch_hooks.adapters.hf import SpikewatchCallback
 from spikewatch_hooks.demo.corpus import CharCorpus, corpus_text
-from spikewatch_hooks.hf import SpikewatchCallback
 from test_hf_callback import SCENARIO, guard_for, train
 
 

@@ -15,9 +15,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from spikewatch_hooks.checkpoint import CheckpointError
-from spikewatch_hooks.dist_checkpoint import load_distributed, save_distributed, wait_for_save
+from spikewatch_hooks.distributed.checkpoint import (
+    load_distributed,
+    save_distributed,
+    wait_for_save,
+)
 from spikewatch_hooks.guard import SpikeGuard
+from spikewatch_hooks.state.checkpoint import CheckpointError
 
 SAVE_AT = 20  # optimizer steps before the checkpoint
 MORE = 10  # steps trained after it, by the saving run and by the resumed one

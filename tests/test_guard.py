@@ -17,10 +17,10 @@ from spikewatch.policy import PolicyConfig
 from spikewatch.records import Decision, StepRecord
 from spikewatch.settings import MonitorConfig
 from spikewatch.transport import EmbeddedTransport
-from spikewatch_hooks.checkpoint import CheckpointError
 from spikewatch_hooks.demo.corpus import CharCorpus
 from spikewatch_hooks.demo.scenario import DemoSettings, load_corpus, train
 from spikewatch_hooks.guard import SpikeGuard
+from spikewatch_hooks.state.checkpoint import CheckpointError
 
 SMALL = dataclasses.replace(
     DemoSettings.for_steps(400), batch_size=16, context=32, warmup=20, poison_batches=60

@@ -32,8 +32,8 @@ from spikewatch.errors import ConfigError
 from spikewatch.http_transport import HttpTransport
 from spikewatch.policy import PolicyConfig
 from spikewatch.settings import MonitorConfig
+from spikewatch_hooks.adapters.hf import SpikewatchCallback
 from spikewatch_hooks.demo.corpus import CharCorpus, corpus_text
-from spikewatch_hooks.hf import SpikewatchCallback
 
 log = logging.getLogger(__name__)
 

@@ -23,10 +23,10 @@ from spikewatch.service.config import ServiceConfig
 from spikewatch.service.registry import RunRegistry
 from spikewatch.service.store import EventStore
 from spikewatch.service_transport import ServiceTransport
+from spikewatch_hooks.core.options import GuardOptions
 from spikewatch_hooks.demo.corpus import CharCorpus
 from spikewatch_hooks.demo.scenario import DemoSettings, load_corpus, train
 from spikewatch_hooks.guard import SpikeGuard
-from spikewatch_hooks.options import GuardOptions
 
 
 def _curve(n: int, seed: int = 0) -> list[StepRecord]:

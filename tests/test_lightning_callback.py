@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from spikewatch.errors import ConfigError
 from spikewatch.policy import PolicyConfig
 from spikewatch.settings import MonitorConfig
-from spikewatch_hooks.lightning import SpikewatchCallback
+from spikewatch_hooks.adapters.lightning import SpikewatchCallback
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*does not have many workers:UserWarning"),

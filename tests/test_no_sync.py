@@ -142,7 +142,7 @@ def _run_bench(script: str, *args: str) -> dict[str, Any]:
 def test_overhead_bench_quick_json() -> None:
     result = _run_bench("overhead.py", "--json", "--quick")
     assert math.isfinite(result["overhead_pct"])
-    assert set(result["sizes"]) == {"tiny", "tiny-accounted"}
+    assert set(result["sizes"]) == {"tiny", "tiny-accounted", "tiny (service)"}
     for row in result["sizes"].values():
         for key in ("params", "bare_step_ms", "guarded_step_ms", "added_us", "overhead_pct"):
             assert math.isfinite(row[key]), key
@@ -150,7 +150,12 @@ def test_overhead_bench_quick_json() -> None:
     assert result["sizes"]["tiny"]["basis"] == "measured"
     assert result["sizes"]["tiny"]["in_loop"]["snapshot_pairs"] == 2
     assert result["sizes"]["tiny-accounted"]["basis"] == "accounted"
-    assert result["overhead_pct"] == max(r["overhead_pct"] for r in result["sizes"].values())
+    embedded = [r for r in result["sizes"].values() if r["mode"] == "embedded"]
+    assert result["overhead_pct"] == max(r["overhead_pct"] for r in embedded)
+    service = result["sizes"]["tiny (service)"]
+    assert service["mode"] == "service" and service["basis"] == "measured"
+    gap = service["overhead_pct"] - result["sizes"]["tiny"]["overhead_pct"]
+    assert result["service_added_pct"] == gap
     assert set(result["microbench"]["pieces_median_us"]) == {"push", "ready", "monitor", "rest"}
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from spikewatch_hooks.distributed import PeerFailureError
+from spikewatch_hooks.distributed.lockstep import PeerFailureError
 from spikewatch_hooks.guard import SpikeGuard
 
 TIMEOUT_S = 5.0  # the process group's timeout: bounds the wait for a stalled peer

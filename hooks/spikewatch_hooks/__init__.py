@@ -11,7 +11,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without torch
     ) from exc
 
 from spikewatch_hooks.guard import SpikeGuard
-from spikewatch_hooks.ledger import SkipLedger
+from spikewatch_hooks.state.ledger import SkipLedger
 
 __all__ = ["SkipLedger", "SpikeGuard"]
 __version__ = "0.1.0"

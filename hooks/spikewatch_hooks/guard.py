@@ -24,10 +24,10 @@ from torch import nn
 from spikewatch.records import Decision
 from spikewatch.settings import MonitorConfig
 from spikewatch.transport import Transport
-from spikewatch_hooks.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from spikewatch_hooks.distributed import Lockstep
-from spikewatch_hooks.engine import check_components
-from spikewatch_hooks.options import GuardOptions
+from spikewatch_hooks.core.checks import check_components
+from spikewatch_hooks.core.options import GuardOptions
+from spikewatch_hooks.distributed.lockstep import Lockstep
+from spikewatch_hooks.state.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 _B = TypeVar("_B")
@@ -210,7 +210,7 @@ class SpikeGuard:
         """
         if self.engine.lockstep is not None or os.path.isdir(path):
             # Imported when first needed: torch.distributed.checkpoint takes ~1 s to import.
-            from spikewatch_hooks.dist_checkpoint import save_distributed  # noqa: PLC0415
+            from spikewatch_hooks.distributed.checkpoint import save_distributed  # noqa: PLC0415
 
             save_distributed(self.engine, path).result()
         else:
@@ -225,7 +225,7 @@ class SpikeGuard:
         single-process checkpoint.
         """
         if os.path.isdir(path):
-            from spikewatch_hooks.dist_checkpoint import load_distributed  # noqa: PLC0415
+            from spikewatch_hooks.distributed.checkpoint import load_distributed  # noqa: PLC0415
 
             guard = load_distributed(self.engine, path)
         else:
@@ -252,7 +252,7 @@ class SpikeGuard:
 
         try:
             if distributed:
-                from spikewatch_hooks.dist_checkpoint import save_distributed  # noqa: PLC0415
+                from spikewatch_hooks.distributed.checkpoint import save_distributed  # noqa: PLC0415
 
                 save_distributed(self.engine, path, async_save=True).add_done_callback(report)
             else:

@@ -44,7 +44,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import numpy as np
 import torch
@@ -55,8 +55,7 @@ from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import async_save as dcp_async_save
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
-from spikewatch_hooks.checkpoint import CheckpointError
-from spikewatch_hooks.dist_files import (
+from spikewatch_hooks.distributed.files import (
     FORMAT,
     GUARD_FILE,
     atomic_write,
@@ -67,8 +66,11 @@ from spikewatch_hooks.dist_files import (
     sha256,
     torch_bytes,
 )
-from spikewatch_hooks.engine import GuardEngine
-from spikewatch_hooks.rng import rng_state, set_rng_state
+from spikewatch_hooks.state.checkpoint import CheckpointError
+from spikewatch_hooks.state.rng import rng_state, set_rng_state
+
+if TYPE_CHECKING:  # the engine calls these functions: no import back up at run time
+    from spikewatch_hooks.core.engine import GuardEngine
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")

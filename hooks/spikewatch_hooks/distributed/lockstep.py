@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from spikewatch.errors import SpikewatchError
-from spikewatch_hooks.values import StepValues
+from spikewatch_hooks.core.values import StepValues
 
 Number = torch.Tensor | float | int
 

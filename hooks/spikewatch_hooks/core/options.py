@@ -18,8 +18,9 @@ from spikewatch.service_transport import Approval, ServiceTransport, config_from
 from spikewatch.settings import MonitorConfig
 from spikewatch.transport import EmbeddedTransport, Transport
 from spikewatch.validation import check_int
-from spikewatch_hooks.distributed import Lockstep
-from spikewatch_hooks.engine import GuardEngine, check_components
+from spikewatch_hooks.core.checks import check_components
+from spikewatch_hooks.core.engine import GuardEngine
+from spikewatch_hooks.distributed.lockstep import Lockstep
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from spikewatch_hooks.rng import rng_state, set_rng_state
+from spikewatch_hooks.state.rng import rng_state, set_rng_state
 
 
 @dataclass

@@ -8,24 +8,23 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections import Counter
 from typing import Any
 
 import torch
 from torch import nn
 
-from spikewatch.errors import bad_value
 from spikewatch.records import ACTION_SEVERITY, Decision, StepRecord
 from spikewatch.service_transport import Approval
 from spikewatch.settings import MonitorConfig
 from spikewatch.transport import Transport
-from spikewatch_hooks.approval import Approvals
-from spikewatch_hooks.distributed import Lockstep
-from spikewatch_hooks.ledger import SkipLedger
-from spikewatch_hooks.rng import rng_state, set_rng_state
-from spikewatch_hooks.snapshots import Snapshot, SnapshotRing
-from spikewatch_hooks.values import Number, ValuePipe
+from spikewatch_hooks.core.approval import Approvals
+from spikewatch_hooks.core.commands import CommandDesk
+from spikewatch_hooks.core.values import Number, ValuePipe
+from spikewatch_hooks.distributed.lockstep import Lockstep
+from spikewatch_hooks.state.ledger import SkipLedger
+from spikewatch_hooks.state.rng import rng_state, set_rng_state
+from spikewatch_hooks.state.snapshots import Snapshot, SnapshotRing
 
 log = logging.getLogger("spikewatch_hooks")
 
@@ -69,7 +68,7 @@ class GuardEngine:
         # A guard built before init_process_group joins the lockstep at its first step.
         self._adopt_lockstep = adopt_lockstep and lockstep is None
         self.approvals = Approvals(self.ring, getattr(transport, "approval", Approval()))
-        self._operator: list[Decision] = []  # this boundary's decisions from operators
+        self.desk = CommandDesk(transport, self.approvals)
         self._snapshot()
 
     # -- per step -----------------------------------------------------------------------
@@ -112,7 +111,7 @@ class GuardEngine:
         if len(self.values) < self.monitor_every and not self._suspicious():
             return None
         if self.lockstep is not None:
-            flag = self._commands_waiting() if self.lockstep.rank == 0 else 0
+            flag = self.desk.waiting() if self.lockstep.rank == 0 else 0
             ready = self.lockstep.gather(float(flag))  # every rank gathers at the same step
             self.values.clear()
         else:
@@ -130,36 +129,8 @@ class GuardEngine:
         ]
         decisions = self.transport.submit(records) if records else []
         self._skip_threshold = self.transport.skip_threshold()
-        self._operator = self._operator_decisions()
-        decisions += self._operator
+        decisions += self.desk.take(self.lockstep, reporting=self.reporting)
         return max(decisions, key=lambda d: ACTION_SEVERITY[d.action], default=None)
-
-    def _commands_waiting(self) -> int:
-        """Operator commands (and a timed-out proposal) this rank holds for the others."""
-        waiting = getattr(self.transport, "pending_commands", None)
-        held = 0 if waiting is None else int(waiting())
-        return held + len(self.approvals.expire_commands())
-
-    def _operator_decisions(self) -> list[Decision]:
-        """The operators' commands for this boundary, the same on every rank."""
-        take = getattr(self.transport, "take_commands", None)
-        if take is None:
-            return []
-        if self.lockstep is None:
-            commands = take() + self.approvals.expire_commands()
-        elif self.lockstep.leader_flag > 0:  # rank 0 holds some: all join one broadcast
-            mine = take() + self.approvals.expire_commands() if self.lockstep.rank == 0 else None
-            commands = self.lockstep.broadcast(mine)
-        else:
-            return []
-        decisions, events = self.approvals.resolve(commands)
-        self._report(events)
-        return decisions
-
-    def _report(self, events: list[dict[str, Any]]) -> None:
-        report = getattr(self.transport, "report", None)
-        if events and report is not None and self.reporting:
-            report(events)
 
     def _join_lockstep(self) -> None:
         """First step of a guard built before ``init_process_group``: join the lockstep
@@ -196,46 +167,24 @@ class GuardEngine:
             self.halt(decision.reason)
             return "halt"
         if decision.action == "rollback":
-            operator = any(decision is d for d in self._operator)
+            operator = self.desk.from_operator(decision)
             if not operator and self.approvals.manual:
-                self._report([self.approvals.propose(decision)])
+                self.desk.report([self.approvals.propose(decision)], reporting=self.reporting)
                 if self.reporting:
-                    log.warning(
-                        "spikewatch: rollback proposed, waiting for approval: %s", decision.reason
-                    )
+                    log.warning("spikewatch: rollback proposed, waiting for approval: %s",
+                                decision.reason)  # fmt: skip
                 return "none"
-            if (
-                operator
-                and self.ring.newest_at_or_before(decision.rollback_before_step or 0) is None
-            ):
-                self._refuse(decision)
+            target = decision.rollback_before_step or 0
+            if operator and self.ring.newest_at_or_before(target) is None:
+                self.count("refused_rollbacks")
+                self.desk.refuse(decision, self.ring, step=self.step_count,
+                                 reporting=self.reporting)  # fmt: skip
                 return "none"
             self.rollback(decision)
             return "rollback"
         if decision.action == "skip_step" and decision.step == self.step_count:
             return "skip"
         return "none"
-
-    def _refuse(self, decision: Decision) -> None:
-        """An operator's rollback the ring cannot reach: never restore a later state."""
-        steps = self.ring.steps
-        why = (
-            f"no snapshot at or before step {decision.rollback_before_step} (the ring holds "
-            f"steps {steps}); roll back to one of those, or resume from a disk checkpoint"
-        )
-        self.count("refused_rollbacks")
-        if self.reporting:
-            log.error("spikewatch: refused the operator's rollback: %s", why)
-        self._report(
-            [
-                {
-                    "event": "refused",
-                    "step": self.step_count,
-                    "reason": why,
-                    "rollback_before_step": decision.rollback_before_step,
-                }
-            ]
-        )
 
     def finish_step(self) -> None:
         """Count the step; take a snapshot when one is due."""
@@ -447,47 +396,3 @@ class GuardEngine:
         """Drop the on-device skip flag once the optimizer has stepped (or been skipped)."""
         if getattr(self.optimizer, "found_inf", None) is not None:
             self.optimizer.found_inf = None  # type: ignore[attr-defined]
-
-
-def check_components(
-    *,
-    model: object,
-    optimizer: object,
-    scheduler: object,
-    snapshot_every: object,
-    keep_snapshots: object,
-    checkpoint_every: object,
-    checkpoint_dir: object,
-) -> None:
-    """Fail at construction, with the fix, on wrong use."""
-    if not isinstance(model, nn.Module):
-        raise bad_value("model", type(model).__name__, "pass the torch.nn.Module being trained")
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise bad_value(
-            "optimizer",
-            type(optimizer).__name__,
-            "pass the torch.optim.Optimizer that updates the model",
-        )
-    if scheduler is not None and not (
-        callable(getattr(scheduler, "step", None))
-        and callable(getattr(scheduler, "state_dict", None))
-        and not isinstance(scheduler, torch.optim.Optimizer)
-    ):
-        raise bad_value(
-            "scheduler",
-            type(scheduler).__name__,
-            "pass a torch.optim.lr_scheduler object (or None)",
-        )
-    for name, value in (("snapshot_every", snapshot_every), ("keep_snapshots", keep_snapshots)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise bad_value(name, value, "use an integer >= 1")
-    if (
-        isinstance(checkpoint_every, bool)
-        or not isinstance(checkpoint_every, int)
-        or checkpoint_every < 0
-    ):
-        raise bad_value("checkpoint_every", checkpoint_every, "use an integer >= 0 (0: never)")
-    if checkpoint_every and checkpoint_dir is None:
-        raise bad_value("checkpoint_dir", None, "set a folder when checkpoint_every > 0")
-    if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
-        raise bad_value("checkpoint_dir", checkpoint_dir, "use a path")

@@ -57,9 +57,9 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from spikewatch.errors import SpikewatchError, bad_value
 from spikewatch.settings import MonitorConfig
 from spikewatch.transport import Transport
-from spikewatch_hooks.distributed import Lockstep
-from spikewatch_hooks.engine import GuardEngine
-from spikewatch_hooks.options import GuardOptions
+from spikewatch_hooks.core.engine import GuardEngine
+from spikewatch_hooks.core.options import GuardOptions
+from spikewatch_hooks.distributed.lockstep import Lockstep
 
 log = logging.getLogger(__name__)
 

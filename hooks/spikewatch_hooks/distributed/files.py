@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from spikewatch_hooks.checkpoint import CheckpointError
+from spikewatch_hooks.state.checkpoint import CheckpointError
 
 GUARD_FILE = "guard.json"
 FORMAT = "spikewatch-dcp 1"

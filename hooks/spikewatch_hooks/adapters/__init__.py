@@ -1,0 +1,1 @@
+"""Framework callbacks: the HF ``Trainer`` (`adapters.hf`) and Lightning (`adapters.lightning`)."""

@@ -1,0 +1,1 @@
+"""The machinery every trainer hook shares: the engine, its options, values and commands."""

@@ -1,0 +1,54 @@
+"""Construction-time checks shared by every hook: wrong use fails at once, with the fix."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from spikewatch.errors import bad_value
+
+
+def check_components(
+    *,
+    model: object,
+    optimizer: object,
+    scheduler: object,
+    snapshot_every: object,
+    keep_snapshots: object,
+    checkpoint_every: object,
+    checkpoint_dir: object,
+) -> None:
+    """Fail at construction, with the fix, on wrong use."""
+    if not isinstance(model, nn.Module):
+        raise bad_value("model", type(model).__name__, "pass the torch.nn.Module being trained")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise bad_value(
+            "optimizer",
+            type(optimizer).__name__,
+            "pass the torch.optim.Optimizer that updates the model",
+        )
+    if scheduler is not None and not (
+        callable(getattr(scheduler, "step", None))
+        and callable(getattr(scheduler, "state_dict", None))
+        and not isinstance(scheduler, torch.optim.Optimizer)
+    ):
+        raise bad_value(
+            "scheduler",
+            type(scheduler).__name__,
+            "pass a torch.optim.lr_scheduler object (or None)",
+        )
+    for name, value in (("snapshot_every", snapshot_every), ("keep_snapshots", keep_snapshots)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise bad_value(name, value, "use an integer >= 1")
+    if (
+        isinstance(checkpoint_every, bool)
+        or not isinstance(checkpoint_every, int)
+        or checkpoint_every < 0
+    ):
+        raise bad_value("checkpoint_every", checkpoint_every, "use an integer >= 0 (0: never)")
+    if checkpoint_every and checkpoint_dir is None:
+        raise bad_value("checkpoint_dir", None, "set a folder when checkpoint_every > 0")
+    if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
+        raise bad_value("checkpoint_dir", checkpoint_dir, "use a path")

@@ -1,0 +1,1 @@
+"""``torch.distributed``: the lockstep collective and sharded (DCP) checkpoints."""

@@ -1,0 +1,1 @@
+"""Training state kept by the guard: the snapshot ring, RNG state, skip ledger, checkpoints."""
