@@ -7,7 +7,6 @@ the detectors. Its schema is still published in the OpenAPI document.
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import sqlite3
@@ -20,11 +19,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Route
 
 from spikewatch import __version__
 from spikewatch.service.core import Service
+from spikewatch.service.limits import RequestLimits, token_problem
 from spikewatch.service.openapi import INGEST_PATH, build_openapi, errors
 from spikewatch.service.operator import OperatorError
 from spikewatch.service.payloads import (
@@ -63,49 +64,28 @@ _BEARER = HTTPBearer(auto_error=False, description="the service token (SPIKEWATC
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]
 
 
-def _token_checker(service: Service) -> Callable[[str | None], None]:
-    """401 without a bearer token, 403 with a wrong one (compared in constant time)."""
-
-    def check(header: str | None) -> None:
-        scheme, _, given = (header or "").partition(" ")
-        if scheme.lower() != "bearer" or not given.strip():
-            service.ingest_counts["unauthorized"] += 1
-            raise HTTPException(
-                401,
-                "missing bearer token: send Authorization: Bearer <token>",
-                {"WWW-Authenticate": "Bearer"},
-            )
-        if not hmac.compare_digest(given.strip().encode(), service.token.encode()):
-            service.ingest_counts["unauthorized"] += 1
-            raise HTTPException(403, "wrong token: use the token the service was started with")
-
-    return check
-
-
 def _authoriser(service: Service) -> Callable[[Credentials], Awaitable[None]]:
-    """The dependency of the FastAPI write routes (declares the bearer scheme in OpenAPI)."""
-    check = _token_checker(service)
+    """The dependency of the FastAPI write routes: declares the bearer scheme in OpenAPI.
+
+    `RequestLimits` has checked the token before the body was read; this checks again
+    for an app mounted without it.
+    """
 
     async def authorised(credentials: Credentials) -> None:
-        check(None if credentials is None else f"Bearer {credentials.credentials}")
+        header = None if credentials is None else f"Bearer {credentials.credentials}"
+        problem = token_problem(header, service.token)
+        if problem is not None:
+            service.ingest_counts["unauthorized"] += 1
+            headers = {"WWW-Authenticate": "Bearer"} if problem[0] == 401 else None
+            raise HTTPException(problem[0], problem[1], headers)
 
     return authorised
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, refused (413) past ``limit`` bytes before it is all read."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadError("body", f"body is {declared} bytes: send at most {limit}", status=413)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadError(
-                "body", f"body exceeds {limit} bytes: send smaller batches", status=413
-            )
-        chunks.append(chunk)
-    return b"".join(chunks)
+#: Bodies above this are parsed and ingested on a worker thread, so one big batch does
+#: not hold up every other request (smaller ones stay on the loop: a thread hop costs
+#: more than they do).
+THREAD_BODY_BYTES = 64 * 1024
 
 
 def _install_error_handlers(app: FastAPI, service: Service) -> None:
@@ -155,18 +135,29 @@ def create_app(service: Service) -> FastAPI:
 
     _install_error_handlers(app, service)
     authorised = _authoriser(service)
+    app.add_middleware(
+        RequestLimits,
+        token=service.token,
+        ingest_bytes=service.config.max_body_bytes,
+        buffered_bytes=4 * service.config.max_body_bytes,
+        on_unauthorized=lambda: service.ingest_counts.update(("unauthorized",)),
+    )
 
     # Ingest is the hot path: a plain Starlette route, without FastAPI's per-request
     # dependency solving and validation machinery (it checks its own body). Its schema
-    # is added to the OpenAPI document by `_openapi`.
-    check_token = _token_checker(service)
+    # is added to the OpenAPI document by `build_openapi`. The token and the body size
+    # were checked by `RequestLimits` before the body was read.
+    def work(run: str, body: bytes) -> dict[str, Any]:
+        batch = parse_ingest(parse_json(body), run, max_records=service.config.max_records)
+        return service.registry.ingest(run, batch, body)
 
     async def ingest(request: Request) -> Response:
-        check_token(request.headers.get("authorization"))
         run = check_run_id(request.path_params["run"])
-        body = await _read_body(request, service.config.max_body_bytes)
-        batch = parse_ingest(parse_json(body), run, max_records=service.config.max_records)
-        response = service.registry.ingest(run, batch, body)
+        body = await request.body()
+        if len(body) > THREAD_BODY_BYTES:
+            response = await run_in_threadpool(work, run, body)
+        else:
+            response = work(run, body)
         service.ingest_counts["accepted"] += 1
         return _json(response)
 
