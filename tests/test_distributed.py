@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -12,6 +14,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
+from service_process import TOKEN as SERVICE_TOKEN
+from service_process import ServiceProcess
 from spikewatch.policy import PolicyConfig
 from spikewatch.settings import MonitorConfig
 from spikewatch_hooks.guard import SpikeGuard
@@ -132,3 +136,77 @@ def test_a_guard_built_before_init_process_group_joins_the_lockstep(tmp_path: Pa
     assert r0["rollbacks"] == r1["rollbacks"] >= 1  # the bad shard on rank 1: both roll back
     assert r0["ledger"] == r1["ledger"]
     assert r0["identical"] and r1["identical"]
+
+
+def _approval_worker(rank: int, store: str, out: str, url: str) -> None:
+    """Rank 0 reports to a service with manual approval; the operator approves."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = DistributedDataParallel(
+        torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    config = MonitorConfig(policy=PolicyConfig(margin=10, skip_ahead=30))
+    guard = SpikeGuard(
+        model=model, optimizer=opt, config=config, snapshot_every=10, keep_snapshots=20,
+        run_id="approve", monitor_url=url, token=SERVICE_TOKEN,
+    )  # fmt: skip
+    applied_at = -1
+    for x, y in guard.batches(_shard(p, rank) for p in range(10_000)):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()  # type: ignore[no-untyped-call]
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        before = guard.stats["rollbacks"]
+        guard.step(loss=loss, grad_norm=grad_norm)
+        opt.zero_grad(set_to_none=True)
+        if guard.stats["rollbacks"] > before:
+            applied_at = guard.engine.position  # the data position it was applied at
+        if guard.engine.approvals.open is not None:
+            time.sleep(0.02)  # a slow step while the operator decides (rank 0 polls)
+        if guard.step_count >= STEPS:
+            break
+    guard.close()
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(2)]
+    dist.all_gather(gathered, flat)
+    result = {"rollbacks": guard.stats["rollbacks"], "applied_at": applied_at,
+              "ledger": guard.stats["skip_ledger"],
+              "identical": bool(torch.equal(gathered[0], gathered[1]))}  # fmt: skip
+    Path(out, f"approve{rank}.json").write_text(json.dumps(result))
+    dist.barrier()
+    os._exit(0)
+
+
+def _approve_when_proposed(svc: ServiceProcess, stop: threading.Event) -> None:
+    while not stop.is_set():
+        status, view = svc.get("/v1/runs/approve")
+        proposed = [c for c in view.get("commands", []) if c["status"] == "proposed"]
+        if status == 200 and proposed:
+            svc.post(
+                "/v1/runs/approve/commands", {"action": "approve", "command": proposed[0]["id"]}
+            )
+            return
+        time.sleep(0.05)
+
+
+def test_an_approved_rollback_is_applied_on_every_rank_at_one_step(tmp_path: Path) -> None:
+    config = '[service]\napproval = "manual"\n'
+    with ServiceProcess(tmp_path, config=config) as svc:
+        stop = threading.Event()
+        operator = threading.Thread(target=_approve_when_proposed, args=(svc, stop))
+        operator.start()
+        try:
+            args = (str(tmp_path / "store"), str(tmp_path), svc.url)
+            mp.spawn(_approval_worker, args=args, nprocs=2, join=True)  # type: ignore[attr-defined,no-untyped-call]
+        finally:
+            stop.set()
+            operator.join()
+        _, view = svc.get("/v1/runs/approve")
+    r0, r1 = (json.loads((tmp_path / f"approve{r}.json").read_text()) for r in (0, 1))
+    assert r0["rollbacks"] == r1["rollbacks"] == 1
+    assert r0["applied_at"] == r1["applied_at"] > POISON.start  # the same step on both ranks
+    assert r0["ledger"] == r1["ledger"] and r0["identical"] and r1["identical"]
+    start, _ = r0["ledger"][0]
+    assert start <= POISON.start  # from the pinned snapshot before the onset
+    assert [c["status"] for c in view["commands"]] == ["applied"]
