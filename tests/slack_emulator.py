@@ -29,13 +29,14 @@ class Call:
     """One request the emulator received.
 
     ``method`` is the Web API method (``chat.postMessage``), ``upload`` for the file
-    bytes POST, or ``webhook``; ``status`` is the HTTP status it was answered with.
+    bytes POST, or ``webhook``; ``status`` is the HTTP status it was answered with
+    (0 while it hangs, and for good when it was dropped unanswered: Slack never had it).
     """
 
     method: str
     payload: dict[str, Any]
     body: bytes
-    status: int = 200
+    status: int = 0
     headers: dict[str, str] = field(default_factory=dict)
 
 
@@ -69,6 +70,7 @@ class SlackEmulator:
         self._ts = 0
         self._files: dict[str, bytes | None] = {}
         self._hang_s: float | None = None
+        self._drop_held = False
         self._release = threading.Event()
         self._server = _Server(("127.0.0.1", 0), _Handler)
         self._server.emulator = self
@@ -106,10 +108,17 @@ class SlackEmulator:
         with self._lock:
             self._faults.append(_Fault(n, status, retry_after, method))
 
-    def hang(self, seconds: float | None) -> None:
-        """Hold every request ``seconds`` before answering (None: answer at once)."""
+    def hang(self, seconds: float | None, *, answer_held: bool = True) -> None:
+        """Hold every request ``seconds`` before answering (None: answer at once).
+
+        With ``answer_held=False``, the requests held until now are dropped: their
+        connections close unanswered and nothing was posted (what a client killed
+        during the hang, or a Slack that lost them, leaves behind).
+        """
         with self._lock:
             self._hang_s = seconds
+            if seconds is None:
+                self._drop_held = not answer_held
         if seconds is None:
             self._release.set()
         else:
@@ -139,11 +148,23 @@ class SlackEmulator:
                     return fault
             return None
 
-    def _wait_if_hanging(self) -> None:
+    def _wait_if_hanging(self) -> bool:
+        """Hold a request while hanging; False when it is to be dropped unanswered."""
         with self._lock:
             hang = self._hang_s
-        if hang is not None:
-            self._release.wait(hang)
+        if hang is None:
+            return True
+        self._release.wait(hang)
+        with self._lock:
+            return not self._drop_held
+
+    def posted(self, text: str | None = None) -> list[Call]:
+        """Messages Slack took (``chat.postMessage`` answered ok), or those containing ``text``."""
+        return [
+            c
+            for c in self.calls_to("chat.postMessage")
+            if text is None or text in str(c.payload.get("text", ""))
+        ]
 
     def _next_ts(self) -> str:
         with self._lock:
@@ -194,6 +215,7 @@ class _Server(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
+    _call: Call
 
     def log_message(self, format: str, *args: Any) -> None:
         """Keep test output clean."""
@@ -210,17 +232,18 @@ class _Handler(BaseHTTPRequestHandler):
         payload = _parse(body, content_type, path.query)
         call = Call(method=method, payload=payload, body=body, headers=dict(self.headers.items()))
         self.emulator._record(call)  # on arrival, so a test can see a request that hangs
-        self.emulator._wait_if_hanging()
+        if not self.emulator._wait_if_hanging():
+            self.close_connection = True  # dropped: no answer, nothing posted
+            return
+        self._call = call
         fault = self.emulator._take_fault(method)
         if fault is not None:
-            call.status = fault.status
             self._fail(fault)
             return
         if method == "webhook":
             # Slack takes a webhook post with text, blocks or (legacy, Alertmanager's) attachments.
             ok = bool(payload.get("text") or payload.get("blocks") or payload.get("attachments"))
-            call.status = 200 if ok else 400
-            self._reply(call.status, b"ok" if ok else b"no_text", "text/html")
+            self._reply(200 if ok else 400, b"ok" if ok else b"no_text", "text/html")
         elif method == "upload":
             self._upload(path.path.rsplit("/", 1)[-1], body)
         else:
@@ -243,6 +266,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _reply(
         self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None
     ) -> None:
+        self._call.status = status
         try:
             self.send_response(status)
             self.send_header("Content-Type", content_type)

@@ -141,11 +141,14 @@ def test_a_failing_slack_never_fails_ingest_and_is_counted(
         assert trainer.view()["rollbacks"] == 1
         assert service.slack is not None
         sink = service.slack
-        wait_for(lambda: sink.failures >= 2 and sink.pending == 0, what="failures counted")
+        # The incident and its "rollback applied" follow-up wait in the outbox (a 429 asking
+        # for 30 s holds them that long) instead of being lost.
+        wait_for(lambda: sink.failures >= 1, what="failures counted")
         exposition = trainer.client.get("/metrics").text
         failed = metric(exposition, "spikewatch_sink_failures_total", sink="slack")
-        assert failed == sink.failures >= 2
+        assert failed == sink.failures >= 1
         assert metric(exposition, "spikewatch_sink_deliveries_total", sink="slack") == 0
+        assert metric(exposition, "spikewatch_outbox_messages", sink="slack") == 2
         assert trainer.client.get("/healthz").json()["slack"]["failures"] == failed
     finally:
         service.stop()

@@ -26,6 +26,7 @@ else:  # pragma: no cover - Python 3.10
 
 from spikewatch.errors import ConfigError, bad_value
 from spikewatch.records import ACTION_SEVERITY
+from spikewatch.service.store_retention import RetentionPolicy
 from spikewatch.settings import MonitorConfig
 from spikewatch.validation import check_float, check_int
 
@@ -60,6 +61,12 @@ class ServiceConfig:
         snapshot_every: steps between detector snapshots (what a rollback rewinds to;
             taken when the state is saved).
         keep_snapshots: detector snapshots kept per run.
+        keep_incidents: incidents kept per run (the newest; older ones are pruned),
+            which is also the most a restart loads into memory per run.
+        max_incident_age_s: incidents not updated for this long are pruned, and Slack
+            messages sent (or unsent) for this long leave the outbox.
+        keep_decisions: stored decisions kept per run (the newest).
+        max_decision_age_s: decisions older than this are pruned.
         recent_records: records per run kept in memory for charts.
         monitor: detection and policy settings, as for the embedded monitor.
         slack: the ``[slack]`` section, read by the Slack sink.
@@ -85,6 +92,10 @@ class ServiceConfig:
     state_every_s: float = 1.0
     snapshot_every: int = 100
     keep_snapshots: int = 32
+    keep_incidents: int = 1000
+    max_incident_age_s: float = 90 * 24 * 3600.0
+    keep_decisions: int = 10_000
+    max_decision_age_s: float = 30 * 24 * 3600.0
     recent_records: int = 4096
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     slack: dict[str, Any] = field(default_factory=dict)
@@ -110,13 +121,16 @@ class ServiceConfig:
         ):
             check_float(name, getattr(self, name), minimum=0.0, inclusive=False)
         check_float("digest_interval_s", self.digest_interval_s, minimum=0.0)
-        check_float("max_record_age_s", self.max_record_age_s, minimum=0.0, inclusive=False)
+        for name in ("max_record_age_s", "max_incident_age_s", "max_decision_age_s"):
+            check_float(name, getattr(self, name), minimum=0.0, inclusive=False)
         check_float("state_every_s", self.state_every_s, minimum=0.0)
         for name in (
             "sweep_records",
             "keep_records",
             "snapshot_every",
             "keep_snapshots",
+            "keep_incidents",
+            "keep_decisions",
             "recent_records",
         ):
             check_int(name, getattr(self, name), minimum=1)
@@ -147,6 +161,18 @@ class ServiceConfig:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from exc
         return cls.from_mapping(data)
+
+    def retention(self) -> RetentionPolicy:
+        """What the retention job keeps, from these settings."""
+        return RetentionPolicy(
+            keep_records=self.keep_records,
+            max_record_age_s=self.max_record_age_s,
+            keep_snapshots=self.keep_snapshots,
+            keep_incidents=self.keep_incidents,
+            max_incident_age_s=self.max_incident_age_s,
+            keep_decisions=self.keep_decisions,
+            max_decision_age_s=self.max_decision_age_s,
+        )
 
 
 def _reject_unknown(data: dict[str, Any], known: set[str], section: str) -> None:

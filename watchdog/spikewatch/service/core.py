@@ -46,7 +46,9 @@ class Service:
                 "the service token is empty: set SPIKEWATCH_TOKEN or pass --token-file"
             )
         self.config, self.token, self.slack, self.clock = config, token, slack, clock
-        self.store = EventStore(config.db, clock=clock)
+        self.store = EventStore(config.db, clock=clock, incident_limit=config.keep_incidents)
+        if slack is not None:
+            slack.use_outbox(self.store.outbox)  # messages commit with the ingest
         notifier: Notifier | None = slack
         self.registry = RunRegistry(self.store, config, notifier=notifier, clock=clock)
         self.operator = Operator(self.registry)
@@ -67,13 +69,9 @@ class Service:
     ) -> Service:
         """Build with the Slack sink the config and environment ask for (fails fast if bad)."""
         settings = SlackSettings.from_mapping(config.slack, environ=environ)
-        store = EventStore(config.db)  # read the persisted Slack threads before starting the sink
-        threads = store.threads()
-        store.close()
         service = cls(config, token=token, slack=None)
-        service.slack = SlackSink.from_settings(
-            settings, environ, threads=threads, on_thread=service.store.save_thread
-        )
+        # The sender resumes the outbox a previous process left (and its threads).
+        service.slack = SlackSink.from_settings(settings, environ, outbox=service.store.outbox)
         service.registry.notifier = service.slack
         return service
 
@@ -82,7 +80,8 @@ class Service:
         self.jobs.start()
 
     def stop(self) -> None:
-        """Stop jobs, drain the Slack queue, close the store."""
+        """Stop jobs, deliver the Slack messages due now (the rest wait in the outbox
+        for the next start), close the store."""
         self.jobs.shutdown()
         if self.slack is not None:
             self.slack.close(timeout=5.0)
@@ -91,11 +90,15 @@ class Service:
     def _sink_counts(self) -> dict[str, SinkCounts]:
         if self.slack is None:
             return {}
+        backlog = self.store.outbox.backlog()
+        oldest = backlog.oldest_created
         return {
             "slack": SinkCounts(
                 delivered=self.slack.delivered,
                 failures=self.slack.failures + self.registry.notify_failures,
                 dropped=self.slack.dropped,
+                outbox_messages=backlog.messages,
+                outbox_oldest_age_s=0.0 if oldest is None else max(0.0, self.clock() - oldest),
             )
         }
 

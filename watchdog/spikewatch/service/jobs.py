@@ -123,13 +123,14 @@ def digest(registry: RunRegistry) -> int:
 
 
 def retention(registry: RunRegistry) -> int:
-    """Prune old record batches and snapshots; return batches dropped."""
-    cfg = registry.config
-    return registry.store.prune(
-        keep_records=cfg.keep_records,
-        keep_snapshots=cfg.keep_snapshots,
-        max_age_s=cfg.max_record_age_s,
-    )
+    """Prune what the retention settings no longer keep; return record batches dropped.
+
+    Runs without the registry's lock: the store deletes in small transactions, so
+    ingest and /healthz go on in between, then gives the freed space back.
+    """
+    pruned = registry.store.retain(registry.config.retention())
+    log.info("spikewatch: retention dropped %s", pruned)
+    return pruned.batches
 
 
 @dataclass(slots=True)

@@ -172,6 +172,8 @@ class RunRegistry:
             write.monitor = run.monitor_json()
             run.state_saved_at = now
         write.info = run.info()
+        if self.notifier is not None:  # the messages commit with what caused them
+            write.outbox = list(notices)
         self.store.write(write)
 
     def _decisions(
@@ -236,18 +238,22 @@ class RunRegistry:
         }
 
     def notify(self, notice: Notice) -> None:
-        """Hand one notice to the notifier (if any), counting a notifier failure."""
-        self._send([notice])
+        """Hand one notice to the notifier's outbox (if any), counting a failure."""
+        self._send([notice], stored=False)
 
-    def _send(self, notices: list[Notice]) -> None:
-        if self.notifier is None:
+    def _send(self, notices: list[Notice], *, stored: bool = True) -> None:
+        """Wake the notifier for ``notices`` already in the outbox (stored with the
+        ingest), or post them (jobs, right after their commit)."""
+        if self.notifier is None or not notices:
             return
-        for notice in notices:
-            try:
-                notice(self.notifier)
-            except Exception:  # a sink bug must not fail an ingest that is already stored
-                self.notify_failures += 1
-                log.exception("spikewatch: notifier failed")
+        try:
+            if stored:
+                self.notifier.wake()
+            else:
+                self.notifier.post(notices)
+        except Exception:  # a sink bug must not fail an ingest that is already stored
+            self.notify_failures += 1
+            log.exception("spikewatch: notifier failed")
 
     # -- views --------------------------------------------------------------------------
     def statuses(self) -> list[RunStatus]:

@@ -6,11 +6,19 @@ record the trainer saw acknowledged survives ``kill -9`` of the service (WAL wit
 last transactions). Record batches are kept as the request bodies themselves: the
 service never re-encodes them on the hot path, and reads them back only for charts,
 sweeps and rewinds.
+
+The store stays bounded: retention (`store_retention`) deletes in small transactions
+and gives the space back. A new database is created with ``auto_vacuum=INCREMENTAL``,
+so freed pages return to the file system; SQLite cannot switch an existing database
+without a full ``VACUUM``, so one created by an older spikewatch keeps its size (free
+pages are reused) until ``sqlite3 events.db 'PRAGMA auto_vacuum=INCREMENTAL; VACUUM;'``
+is run once with the service stopped (the service logs this at start).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -19,7 +27,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from spikewatch.service.store_outbox import SqliteOutbox, insert_messages
+from spikewatch.service.store_retention import Pruned, RetentionPolicy, compact, prune
+from spikewatch.service.store_rows import incident_of, upsert_command, upsert_incident, write_run
 from spikewatch.service.store_schema import SCHEMA, SCHEMA_VERSION, BatchWrite, StoredRun
+
+log = logging.getLogger(__name__)
+
+#: The WAL is truncated to this after a checkpoint (SQLite keeps a big one otherwise).
+JOURNAL_SIZE_LIMIT = 16 * 1024 * 1024
 
 
 class EventStore:
@@ -32,17 +48,35 @@ class EventStore:
         ...                        first_step=3, last_step=3, count=1))
         >>> [r.run for r in store.runs()], store.recent_records("r", limit=10)
         (['r'], [{'step': 3, 'loss': 1.5}])
+
+    Args:
+        path: the SQLite file (``:memory:`` for tests).
+        clock: time of every row written.
+        incident_limit: the most incidents per run `incidents` returns (the newest),
+            so a restart never loads every incident ever; None: all.
     """
 
-    def __init__(self, path: str | Path, *, clock: Callable[[], float] = time.time) -> None:
-        self.path, self.clock = str(path), clock
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        clock: Callable[[], float] = time.time,
+        incident_limit: int | None = None,
+    ) -> None:
+        self.path, self.clock, self.incident_limit = str(path), clock, incident_limit
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._lock = threading.RLock()
+        self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")  # takes effect on a new file only
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
+        self._create_schema()
+        self.outbox = SqliteOutbox(transaction=self._tx, reading=self.reading, clock=clock)
+
+    def _create_schema(self) -> None:
         with self._tx() as db:
             for stmt in SCHEMA.strip().split(";"):
                 if stmt.strip():
@@ -50,6 +84,16 @@ class EventStore:
             db.execute(
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)",
                 (str(SCHEMA_VERSION),),
+            )
+            mode = db.execute("PRAGMA auto_vacuum").fetchone()[0]
+        if mode != 2 and self.path != ":memory:":
+            log.warning(
+                "spikewatch: the event store %s was created without auto_vacuum, so "
+                "retention frees space inside it but the file never shrinks; to change "
+                "that, stop the service once and run: sqlite3 %s "
+                "'PRAGMA auto_vacuum=INCREMENTAL; VACUUM;'",
+                self.path,
+                self.path,
             )
 
     @contextmanager
@@ -62,6 +106,12 @@ class EventStore:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+
+    @contextmanager
+    def reading(self) -> Iterator[sqlite3.Connection]:
+        """The connection, with the store's lock held (reads outside a transaction)."""
+        with self._lock:
+            yield self._db
 
     def close(self) -> None:
         """Checkpoint the WAL and close."""
@@ -84,7 +134,7 @@ class EventStore:
                     "VALUES (?, ?, ?, ?, ?, ?)",
                     (w.run, w.first_step, w.last_step, w.count, now, w.body),
                 )
-            self._write_run(db, w, now)
+            write_run(db, w, now)
             if w.drop_snapshots_from is not None:  # states of a branch the trainer abandoned
                 db.execute(
                     "DELETE FROM snapshots WHERE run = ? AND step >= ?",
@@ -95,86 +145,34 @@ class EventStore:
                     "INSERT OR REPLACE INTO snapshots (run, step, monitor) VALUES (?, ?, ?)",
                     (w.run, w.snapshot_step, w.monitor),
                 )
+            db.executemany(  # detector snapshots taken inside the batch
+                "INSERT OR REPLACE INTO snapshots (run, step, monitor) VALUES (?, ?, ?)",
+                [(w.run, step, monitor) for step, monitor in w.snapshots],
+            )
             for inc in w.incidents:
-                self._upsert_incident(db, inc, now)
+                upsert_incident(db, inc, now)
             db.executemany(
                 "INSERT INTO decisions (run, step, action, incident, body, at) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
                 [
-                    (w.run, d["step"], d["action"], _incident_of(d), json.dumps(d), now)
+                    (w.run, d["step"], d["action"], incident_of(d), json.dumps(d), now)
                     for d in w.decisions
                 ],
             )
             for cmd in w.commands:
-                self._upsert_command(db, cmd, now)
-
-    @staticmethod
-    def _write_run(db: sqlite3.Connection, w: BatchWrite, now: float) -> None:
-        """The run's bookkeeping, and its monitor state when the write carries one.
-
-        ``state_batch`` is the newest batch the stored monitor state includes; batches
-        after it are replayed on a restart (see `RunRegistry`).
-        """
-        info = json.dumps(w.info)
-        if w.monitor is None:
-            db.execute("UPDATE runs SET updated = ?, info = ? WHERE run = ?", (now, info, w.run))
-            return
-        db.execute(
-            "INSERT INTO runs (run, created, updated, monitor, info, state_batch) "
-            "VALUES (?, ?, ?, ?, ?, (SELECT COALESCE(MAX(id), 0) FROM batches WHERE run = ?)) "
-            "ON CONFLICT (run) DO UPDATE SET updated=excluded.updated, monitor=excluded.monitor, "
-            "info=excluded.info, state_batch=excluded.state_batch",
-            (w.run, now, now, w.monitor, info, w.run),
-        )
-
-    @staticmethod
-    def _upsert_incident(db: sqlite3.Connection, inc: dict[str, Any], now: float) -> None:
-        db.execute(
-            "INSERT INTO incidents (run, id, kind, onset_step, detected_step, action, status, "
-            "reason, body, opened, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT (run, id) DO UPDATE SET kind=excluded.kind, "
-            "onset_step=excluded.onset_step, "
-            "action=excluded.action, status=excluded.status, reason=excluded.reason, "
-            "body=excluded.body, updated=excluded.updated",
-            (
-                inc["run"], inc["id"], inc["kind"], inc["onset_step"], inc["detected_step"],
-                inc["action"], inc["status"], inc["reason"], json.dumps(inc), now, now,
-            ),
-        )  # fmt: skip
-
-    @staticmethod
-    def _upsert_command(db: sqlite3.Connection, cmd: dict[str, Any], now: float) -> None:
-        db.execute(
-            "INSERT INTO commands (id, run, action, status, source, body, created, updated) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
-            "status=excluded.status, body=excluded.body, updated=excluded.updated",
-            (
-                cmd["id"],
-                cmd["run"],
-                cmd["action"],
-                cmd["status"],
-                cmd["source"],
-                json.dumps(cmd),
-                now,
-                now,
-            ),
-        )
+                upsert_command(db, cmd, now)
+            insert_messages(db, w.outbox, now)
 
     def save_incident(self, incident: dict[str, Any]) -> None:
         """Insert or update one incident (scheduled jobs: stalls, sweeps)."""
         with self._tx() as db:
-            self._upsert_incident(db, incident, self.clock())
+            upsert_incident(db, incident, self.clock())
 
     def save_commands(self, commands: list[dict[str, Any]]) -> None:
         """Insert or update commands (operator actions)."""
         with self._tx() as db:
             for cmd in commands:
-                self._upsert_command(db, cmd, self.clock())
-
-    def save_thread(self, key: str, ts: str) -> None:
-        """Remember the Slack thread of an incident."""
-        with self._tx() as db:
-            db.execute("INSERT OR REPLACE INTO slack_threads (key, ts) VALUES (?, ?)", (key, ts))
+                upsert_command(db, cmd, self.clock())
 
     # -- reads --------------------------------------------------------------------------
     def runs(self) -> list[StoredRun]:
@@ -203,11 +201,15 @@ class EventStore:
             ).fetchall()
         return [bytes(b) for (b,) in rows]
 
-    def incidents(self, run: str) -> list[dict[str, Any]]:
-        """A run's incidents, oldest first."""
+    def incidents(self, run: str, *, limit: int | None = None) -> list[dict[str, Any]]:
+        """A run's newest ``limit`` incidents (default `incident_limit`), oldest first."""
+        limit = self.incident_limit if limit is None else limit
         with self._lock:
             rows = self._db.execute(
-                "SELECT body FROM incidents WHERE run = ? ORDER BY opened, detected_step", (run,)
+                "SELECT body FROM (SELECT body, opened, detected_step, rowid AS r FROM incidents "
+                "WHERE run = ? ORDER BY opened DESC, detected_step DESC, r DESC LIMIT ?) "
+                "ORDER BY opened, detected_step, r",
+                (run, -1 if limit is None else limit),
             ).fetchall()
         return [json.loads(b) for (b,) in rows]
 
@@ -265,46 +267,36 @@ class EventStore:
         return int(row[0])
 
     # -- retention ----------------------------------------------------------------------
-    def prune(self, *, keep_records: int, keep_snapshots: int, max_age_s: float) -> int:
+    def prune(
+        self,
+        *,
+        keep_records: int,
+        keep_snapshots: int,
+        max_age_s: float,
+        policy: RetentionPolicy | None = None,
+    ) -> int:
         """Drop record batches beyond ``keep_records`` per run or older than ``max_age_s``,
-        and all but the newest ``keep_snapshots`` snapshots; return batches dropped."""
-        cutoff = self.clock() - max_age_s
-        dropped = 0
-        with self._tx() as db:
-            dropped += db.execute(
-                "DELETE FROM batches WHERE received < ? AND id <= "
-                "(SELECT state_batch FROM runs WHERE runs.run = batches.run)",
-                (cutoff,),
-            ).rowcount
-            for (run,) in db.execute("SELECT run FROM runs").fetchall():
-                dropped += _prune_run(db, run, keep_records, keep_snapshots)
-        return dropped
+        and all but the newest ``keep_snapshots`` snapshots; return batches dropped.
 
+        ``policy`` (which then overrides the three numbers) also bounds incidents,
+        decisions and sent Slack messages; see `retain` for every count.
+        """
+        policy = policy or RetentionPolicy(
+            keep_records=keep_records, max_record_age_s=max_age_s, keep_snapshots=keep_snapshots
+        )
+        return self.retain(policy).batches
 
-def _prune_run(db: sqlite3.Connection, run: str, keep_records: int, keep_snapshots: int) -> int:
-    total, boundary = 0, None
-    for batch_id, count in db.execute(
-        "SELECT id, count FROM batches WHERE run = ? ORDER BY id DESC", (run,)
-    ):
-        total += count
-        if total >= keep_records:
-            boundary = batch_id
-            break
-    dropped = 0
-    if boundary is not None:  # never a batch the stored monitor state does not include yet
-        dropped = db.execute(
-            "DELETE FROM batches WHERE run = ? AND id < ? AND id <= "
-            "(SELECT state_batch FROM runs WHERE run = ?)",
-            (run, boundary, run),
-        ).rowcount
-    db.execute(
-        "DELETE FROM snapshots WHERE run = ? AND step NOT IN "
-        "(SELECT step FROM snapshots WHERE run = ? ORDER BY step DESC LIMIT ?)",
-        (run, run, keep_snapshots),
-    )
-    return dropped
+    def retain(self, policy: RetentionPolicy) -> Pruned:
+        """Delete what ``policy`` no longer keeps, in small transactions (ingest goes on
+        between them), then give the freed pages back and truncate the WAL."""
+        pruned = prune(self._tx, self.reading, policy, self.clock())
+        pruned.freed_pages = compact(self.reading)
+        return pruned
 
-
-def _incident_of(decision: dict[str, Any]) -> str:
-    signal = decision.get("signal")
-    return str(signal.get("incident", "")) if isinstance(signal, dict) else ""
+    def file_bytes(self) -> int:
+        """Size of the database file and its WAL, in bytes (0 in memory)."""
+        if self.path == ":memory:":
+            return 0
+        return sum(
+            p.stat().st_size for p in (Path(self.path), Path(self.path + "-wal")) if p.exists()
+        )

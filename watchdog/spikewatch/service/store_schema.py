@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from spikewatch.sinks.outbox import OutboxMessage
+
 SCHEMA_VERSION = 1
 
 SCHEMA = """
@@ -31,6 +33,16 @@ CREATE TABLE IF NOT EXISTS commands (
     source TEXT NOT NULL, body TEXT NOT NULL, created REAL NOT NULL, updated REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS commands_by_run ON commands (run, created);
 CREATE TABLE IF NOT EXISTS slack_threads (key TEXT PRIMARY KEY, ts TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY, kind TEXT NOT NULL, key TEXT NOT NULL, body TEXT NOT NULL,
+    created REAL NOT NULL, next_try REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT, sent REAL);
+CREATE INDEX IF NOT EXISTS outbox_unsent ON outbox (key, id) WHERE sent IS NULL;
+CREATE INDEX IF NOT EXISTS outbox_sent ON outbox (sent);
+CREATE INDEX IF NOT EXISTS batches_by_received ON batches (received);
+CREATE INDEX IF NOT EXISTS incidents_by_run ON incidents (run, opened);
+CREATE INDEX IF NOT EXISTS decisions_by_run ON decisions (run, id);
+CREATE INDEX IF NOT EXISTS decisions_by_time ON decisions (at);
 """
 
 
@@ -57,7 +69,11 @@ class BatchWrite:
     last_step: int = 0
     count: int = 0
     snapshot_step: int | None = None
+    snapshots: list[tuple[int, str]] = field(default_factory=list)
+    """Detector snapshots ``(step, monitor state JSON)`` taken inside the batch."""
     drop_snapshots_from: int | None = None
     incidents: list[dict[str, Any]] = field(default_factory=list)
     decisions: list[dict[str, Any]] = field(default_factory=list)
     commands: list[dict[str, Any]] = field(default_factory=list)
+    outbox: list[OutboxMessage] = field(default_factory=list)
+    """Slack messages the request caused, stored with it (see `store_outbox`)."""

@@ -1,39 +1,35 @@
 """Slack sink: one message per incident with its chart in the thread, follow-ups, digests.
 
-Every public method only enqueues onto a bounded queue and returns; one daemon worker
-thread talks to Slack, so a slow, rate-limited or absent Slack never blocks the caller
-(a full queue drops the event and counts it). With a bot token the sink posts through
-`slack_sdk.WebClient` and can thread replies and upload charts; with only an incoming
-webhook it posts plain messages. Secrets come from the environment, never the file.
+Every public method only writes to the sink's outbox (`spikewatch.sinks.outbox`) and
+returns; one daemon sender thread delivers the rows oldest first, so a slow,
+rate-limited or absent Slack never blocks the caller. A row is marked sent only when
+Slack answered ok; a failed one is tried again with backoff (for as long as the outage
+lasts, and after a restart when the outbox is the event store's), so a message is
+delivered at least once and, short of a crash between Slack's answer and the mark,
+exactly once. With a bot token the sink posts through `slack_sdk.WebClient` and threads
+replies and uploads charts (drawn on the sender thread, never on ingest); with only an
+incoming webhook it posts plain messages. Secrets come from the environment.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import functools
 import logging
 import os
-import queue
-import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 
 from slack_sdk import WebClient
-from slack_sdk.errors import SlackClientError
 from slack_sdk.webhook import WebhookClient
 
 from spikewatch.errors import ConfigError, bad_value
 from spikewatch.incidents import Incident
+from spikewatch.service.notify import digest_notice, follow_up_notice, incident_notice
 from spikewatch.service.status import RunStatus
-from spikewatch.sinks.slack_messages import (
-    SlackMessage,
-    digest_message,
-    follow_up_message,
-    incident_message,
-)
+from spikewatch.sinks.outbox import MemoryOutbox, Outbox, OutboxMessage
+from spikewatch.sinks.slack_delivery import SlackPoster
 from spikewatch.sinks.slack_retry import install_retry_handlers
+from spikewatch.sinks.slack_sender import SlackSender
 from spikewatch.sinks.slack_settings import SlackSettings, read_secrets
 from spikewatch.validation import check_float, check_int
 
@@ -41,29 +37,28 @@ __all__ = ["SlackSettings", "SlackSink"]
 
 logger = logging.getLogger(__name__)
 
-_Job = tuple[str, Callable[[], object]]
-_WEBHOOK_NOTE = "chart not attached: uploading files needs a bot token, not a webhook"
-
-
-class _DeliveryError(Exception):
-    """Slack answered, but not with success (raised and caught inside the worker)."""
-
 
 class SlackSink:
-    """Posts incidents, follow-ups and digests to Slack off the caller's thread.
+    """Delivers incidents, follow-ups and digests from an outbox, off the caller's thread.
 
     Args:
         client: a `WebClient` with a bot token (threads and chart uploads need it).
         webhook: a `WebhookClient`, used when there is no ``client``.
         channel: where the bot posts (a name such as ``#alerts`` or a channel ID).
-        max_queue: events waiting for the worker; more are dropped and counted.
-        threads: incident key (``run/incident-id``) to thread ts, saved from an earlier
-            process, so follow-ups after a restart still land in the right thread.
-        on_thread: called on the worker with (incident key, ts) when a thread starts,
-            so the service can persist it.
+        outbox: where messages wait until Slack accepted them; the service passes the
+            event store's, so they survive a restart. Default: a `MemoryOutbox`.
+        max_queue: unsent messages the default in-memory outbox holds (more are dropped).
+        threads: incident key (``run/incident-id``) to thread ts from an earlier process,
+            for the default outbox (the event store's outbox keeps its own).
+        on_thread: called on the sender with (incident key, ts) when a thread starts.
         max_retries: retries per Slack call on rate limits, 5xx and connection errors.
-        max_retry_after_s: a 429 asking to wait longer than this is a failure, not a sleep.
-        backoff_s: first retry delay for 5xx and connection errors (doubles each time).
+        max_retry_after_s: a 429 asking to wait longer is not slept on inside the call:
+            the row waits in the outbox for that long instead.
+        backoff_s: first retry delay inside a call for 5xx and connection errors.
+        retry_backoff_s: first delay before a failed row is tried again (doubling).
+        max_backoff_s: the longest delay between tries of a row (outages last longer:
+            the row is tried at this period until Slack takes it).
+        clock: time for retry schedules.
     """
 
     def __init__(
@@ -72,12 +67,16 @@ class SlackSink:
         client: WebClient | None = None,
         webhook: WebhookClient | None = None,
         channel: str | None = None,
+        outbox: Outbox | None = None,
         max_queue: int = 1000,
         threads: Mapping[str, str] | None = None,
         on_thread: Callable[[str, str], None] | None = None,
         max_retries: int = 3,
         max_retry_after_s: float = 60.0,
         backoff_s: float = 0.5,
+        retry_backoff_s: float = 1.0,
+        max_backoff_s: float = 300.0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         if client is None and webhook is None:
             raise ConfigError("SlackSink needs client= (a bot token) or webhook=: pass one")
@@ -88,20 +87,23 @@ class SlackSink:
         self.max_retries = check_int("max_retries", max_retries, minimum=0)
         self.max_retry_after_s = check_float("max_retry_after_s", max_retry_after_s, minimum=0.0)
         self.backoff_s = check_float("backoff_s", backoff_s, minimum=0.0)
-        self.on_thread = on_thread
+        self.retry_backoff_s = check_float("retry_backoff_s", retry_backoff_s, minimum=0.0)
+        self.max_backoff_s = check_float("max_backoff_s", max_backoff_s, minimum=0.0)
         for target in (client, webhook):
             if target is not None:
                 install_retry_handlers(
                     target, retries=max_retries, max_wait_s=max_retry_after_s, backoff_s=backoff_s
                 )
+        self.outbox: Outbox = outbox or MemoryOutbox(max_messages=max_queue, threads=threads)
+        known = {**(threads or {}), **self.outbox.threads()}
         self._lock = threading.Lock()
-        self._threads: dict[str, str] = dict(threads or {})
-        self._posted: set[str] = set(self._threads)  # incidents sent or on their way
-        self._delivered = self._failures = self._dropped = 0
-        self._closed = False
-        self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=max_queue)
-        self._worker = threading.Thread(target=self._run, name="spikewatch-slack", daemon=True)
-        self._worker.start()
+        self._posted: set[str] = set(known)  # incidents handed to the outbox
+        self._dropped = 0
+        self.sender = SlackSender(
+            poster=SlackPoster(client=client, webhook=webhook, channel=channel),
+            outbox=self.outbox, threads=known, on_thread=on_thread,
+            retry_backoff_s=retry_backoff_s, max_backoff_s=max_backoff_s, clock=clock,
+        )  # fmt: skip
 
     @classmethod
     def from_settings(
@@ -109,6 +111,7 @@ class SlackSink:
         settings: SlackSettings,
         environ: Mapping[str, str] = os.environ,
         *,
+        outbox: Outbox | None = None,
         threads: Mapping[str, str] | None = None,
         on_thread: Callable[[str, str], None] | None = None,
     ) -> SlackSink | None:
@@ -127,15 +130,11 @@ class SlackSink:
         else:
             return None
         return cls(
-            client=client,
-            webhook=webhook,
-            channel=settings.channel,
-            max_queue=settings.max_queue,
-            threads=threads,
-            on_thread=on_thread,
-            max_retries=settings.max_retries,
-            max_retry_after_s=settings.max_retry_after_s,
-        )
+            client=client, webhook=webhook, channel=settings.channel, outbox=outbox,
+            max_queue=settings.max_queue, threads=threads, on_thread=on_thread,
+            max_retries=settings.max_retries, max_retry_after_s=settings.max_retry_after_s,
+            retry_backoff_s=settings.retry_backoff_s, max_backoff_s=settings.max_backoff_s,
+        )  # fmt: skip
 
     # -- public, non-blocking ------------------------------------------------------------
 
@@ -155,40 +154,58 @@ class SlackSink:
             if key in self._posted:
                 return
             self._posted.add(key)
-        # Copies: the monitor keeps folding into the incident while the worker formats it.
-        send = functools.partial(
-            self._send_incident, key, dataclasses.replace(incident), list(window), decision_reason
-        )
-        if not self._enqueue(f"incident {key}", send):
-            with self._lock:
-                self._posted.discard(key)
+        self.post([incident_notice(incident, window, decision_reason)])
 
     def follow_up(self, run: str, incident_id: str, text: str) -> None:
         """Queue a follow-up, posted in the incident's thread when there is one."""
-        send = functools.partial(self._send_follow_up, run, incident_id, text)
-        self._enqueue(f"follow-up {run}/{incident_id}", send)
+        self.post([follow_up_notice(run, incident_id, text)])
 
     def digest(self, runs: Sequence[RunStatus], *, period_s: float) -> None:
         """Queue one summary message of ``runs`` over the last ``period_s`` seconds."""
-        message = digest_message(list(runs), period_s=period_s)
-        self._enqueue("digest", functools.partial(self._send, message, None))
+        self.post([digest_notice(runs, period_s)])
+
+    def post(self, messages: Sequence[OutboxMessage]) -> None:
+        """Write ``messages`` to the outbox and wake the sender; a message the outbox
+        cannot take (full, closed, its store down) is dropped and counted, never raised."""
+        stored = 0
+        if not self.sender.closing.is_set():
+            try:
+                stored = self.outbox.add(messages)
+            except Exception:  # the caller (ingest, a job) must never fail on Slack's account
+                logger.exception("slack sink: the outbox did not take %d messages", len(messages))
+        if stored < len(messages):
+            with self._lock:
+                self._dropped += len(messages) - stored
+                dropped = self._dropped
+            logger.warning("slack sink: %d messages dropped so far", dropped)
+        self.wake()
+
+    def use_outbox(self, outbox: Outbox) -> None:
+        """Deliver from ``outbox`` from now on (the service hands over the event
+        store's); messages waiting in the old one move over."""
+        old, self.outbox = self.outbox, outbox
+        moved = old.due(float("inf"), limit=1_000_000)
+        outbox.add([row.message for row in moved])
+        with self.sender.lock:
+            self.sender.threads.update(outbox.threads())
+            self._posted.update(self.sender.threads)
+        self.sender.outbox = outbox
+        self.wake()
+
+    def wake(self) -> None:
+        """Rows were added to the outbox: deliver them now rather than at the next poll."""
+        self.sender.wake.set()
 
     def close(self, timeout: float = 5.0) -> None:
-        """Deliver what is queued (up to ``timeout`` seconds), then stop the worker."""
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        with contextlib.suppress(queue.Full):
-            self._queue.put(None, timeout=timeout)
-        self._worker.join(max(0.0, deadline - time.monotonic()))
-        if self._worker.is_alive():
-            logger.warning(
-                "slack sink: worker still busy after %.1f s; %d events left undelivered",
-                timeout,
-                self._queue.qsize(),
-            )
+        """Deliver the rows due now (up to ``timeout`` seconds), then stop the sender.
+
+        Rows still unsent stay in the outbox: the event store's is resumed by the next
+        process; an in-memory one is lost (logged).
+        """
+        self.sender.join(timeout)
+        left = self.pending
+        if left:
+            logger.warning("slack sink: closed with %d messages still in the outbox", left)
 
     # -- counters ------------------------------------------------------------------------
 
@@ -196,134 +213,34 @@ class SlackSink:
     def delivered(self) -> int:
         """Messages Slack accepted (incidents, follow-ups, digests).
 
-        An incident counts once its message is posted and its chart upload has been
-        tried, so a caller that sees the count rise sees the chart too (or a failure).
+        An incident counts once its message is posted and its chart uploaded (or given
+        up after `slack_sender.CHART_TRIES`): a caller that sees the count rise sees both.
         """
-        with self._lock:
-            return self._delivered
+        with self.sender.lock:
+            return self.sender.delivered
 
     @property
     def failures(self) -> int:
-        """Slack calls that failed after their retries (a message or a chart upload)."""
-        with self._lock:
-            return self._failures
+        """Slack calls that failed after their retries (each is tried again later)."""
+        with self.sender.lock:
+            return self.sender.failures
 
     @property
     def dropped(self) -> int:
-        """Events dropped because the queue was full or the sink was closed."""
+        """Messages the outbox could not take (full, closed or its store down)."""
         with self._lock:
             return self._dropped
 
     @property
     def pending(self) -> int:
-        """Events waiting for the worker."""
-        return self._queue.qsize()
+        """Messages in the outbox not yet accepted by Slack (0 if the outbox cannot say)."""
+        try:
+            return self.outbox.backlog().messages
+        except Exception:  # a store that is down: /healthz says so on its own
+            return 0
 
     @property
     def threads(self) -> dict[str, str]:
         """A copy of incident key (``run/incident-id``) to thread ts."""
-        with self._lock:
-            return dict(self._threads)
-
-    # -- worker --------------------------------------------------------------------------
-
-    def _enqueue(self, what: str, send: Callable[[], object]) -> bool:
-        with self._lock:
-            if not self._closed:
-                try:
-                    self._queue.put_nowait((what, send))
-                    return True
-                except queue.Full:
-                    pass
-            self._dropped += 1
-            dropped = self._dropped
-        if dropped == 1 or dropped % 100 == 0:
-            logger.warning("slack sink: dropped %s (%d dropped so far)", what, dropped)
-        return False
-
-    def _run(self) -> None:
-        while (job := self._queue.get()) is not None:
-            what, send = job
-            try:
-                send()
-            except Exception as exc:  # the worker must outlive any one bad call
-                self._failed(what, exc)
-            else:
-                with self._lock:
-                    self._delivered += 1
-
-    def _failed(self, what: str, exc: Exception) -> None:
-        with self._lock:
-            self._failures += 1
-        if isinstance(exc, (SlackClientError, _DeliveryError, OSError)):
-            logger.warning("slack sink: %s failed: %s: %s", what, type(exc).__name__, exc)
-        else:
-            logger.exception("slack sink: %s failed unexpectedly", what)
-
-    def _send(self, message: SlackMessage, thread_ts: str | None) -> tuple[str, str] | None:
-        """Post ``message``; return (channel id, ts) when posted with the bot token."""
-        if self.client is None:
-            assert self.webhook is not None  # the constructor requires one of the two
-            response = self.webhook.send(text=message.text, blocks=message.blocks)
-            if response.status_code != 200:
-                raise _DeliveryError(f"webhook answered {response.status_code}: {response.body}")
-            return None
-        answer = self.client.chat_postMessage(
-            channel=str(self.channel), text=message.text, blocks=message.blocks, thread_ts=thread_ts
-        )
-        return str(answer["channel"]), str(answer["ts"])
-
-    def _send_incident(
-        self, key: str, incident: Incident, window: list[tuple[int, float]], reason: str | None
-    ) -> None:
-        note = None if self.client is not None else _WEBHOOK_NOTE
-        message = incident_message(incident, window, decision_reason=reason, note=note)
-        try:
-            posted = self._send(message, None)
-        except Exception:
-            with self._lock:
-                self._posted.discard(key)  # let a later call for this incident try again
-            raise
-        if posted is None:
-            return
-        channel_id, ts = posted
-        with self._lock:
-            self._threads[key] = ts
-        if self.on_thread is not None:
-            try:
-                self.on_thread(key, ts)
-            except Exception:
-                logger.exception("slack sink: on_thread callback failed for %s", key)
-        self._upload_chart(channel_id, ts, incident, window)
-
-    def _upload_chart(
-        self, channel_id: str, ts: str, incident: Incident, window: list[tuple[int, float]]
-    ) -> None:
-        from spikewatch.sinks.chart import render_incident_chart  # noqa: PLC0415 (slow matplotlib)
-
-        assert self.client is not None
-        title = f"{incident.run}: {incident.kind} on {incident.metric} (incident {incident.id})"
-        try:
-            png = render_incident_chart(
-                window,
-                onset_step=incident.onset_step,
-                detected_step=incident.detected_step,
-                title=title,
-                metric=incident.metric,
-            )
-            self.client.files_upload_v2(
-                channel=channel_id,
-                thread_ts=ts,
-                content=png,
-                filename=re.sub(r"[^A-Za-z0-9._-]+", "-", f"{incident.run}-{incident.id}") + ".png",
-                title=title,
-                alt_txt=f"{incident.metric} around step {incident.detected_step}",
-            )
-        except Exception as exc:
-            self._failed(f"chart of incident {incident.run}/{incident.id}", exc)
-
-    def _send_follow_up(self, run: str, incident_id: str, text: str) -> None:
-        with self._lock:
-            ts = self._threads.get(f"{run}/{incident_id}")
-        threaded = ts is not None and self.client is not None
-        self._send(follow_up_message(run, incident_id, text, threaded=threaded), ts)
+        with self.sender.lock:
+            return dict(self.sender.threads)

@@ -33,7 +33,11 @@ class SlackSettings:
         timeout_s: seconds each HTTP request to Slack may take.
         max_retries: retries per call on rate limits, 5xx and connection errors.
         max_queue: events waiting for the worker; more are dropped and counted.
-        max_retry_after_s: a 429 asking to wait longer than this counts as a failure.
+        max_retry_after_s: a 429 asking to wait longer than this is not slept on inside
+            the call: the message waits in the outbox for as long as Slack asked.
+        retry_backoff_s: first delay before a failed message is tried again (doubling).
+        max_backoff_s: the longest delay between tries of a message; a longer outage
+            is retried at this period until Slack takes the message.
         enabled: True when `from_mapping` found a token or webhook URL in the environment.
 
     Example:
@@ -53,6 +57,8 @@ class SlackSettings:
     max_retries: int = 3
     max_queue: int = 1000
     max_retry_after_s: float = 60.0
+    retry_backoff_s: float = 1.0
+    max_backoff_s: float = 300.0
     enabled: bool = False
 
     def __post_init__(self) -> None:
@@ -68,6 +74,8 @@ class SlackSettings:
         check_int("slack.max_retries", self.max_retries, minimum=0)
         check_int("slack.max_queue", self.max_queue, minimum=1)
         check_float("slack.max_retry_after_s", self.max_retry_after_s, minimum=0.0)
+        check_float("slack.retry_backoff_s", self.retry_backoff_s, minimum=0.0)
+        check_float("slack.max_backoff_s", self.max_backoff_s, minimum=0.0)
 
     @classmethod
     def from_mapping(
