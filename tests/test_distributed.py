@@ -36,7 +36,10 @@ def _shard(position: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def _worker(rank: int, store: str, out: str) -> None:
+def _ddp_mlp(
+    rank: int, store: str
+) -> tuple[DistributedDataParallel, torch.optim.Optimizer, MonitorConfig]:
+    """Join the 2-rank group; a seeded DDP MLP, its AdamW, a policy sized to the run."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     torch.manual_seed(0)
@@ -44,7 +47,11 @@ def _worker(rank: int, store: str, out: str) -> None:
         torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
     )
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    config = MonitorConfig(policy=PolicyConfig(margin=10, skip_ahead=30))
+    return model, opt, MonitorConfig(policy=PolicyConfig(margin=10, skip_ahead=30))
+
+
+def _worker(rank: int, store: str, out: str) -> None:
+    model, opt, config = _ddp_mlp(rank, store)
     guard = SpikeGuard(model=model, optimizer=opt, config=config, snapshot_every=10)
     losses = []
     for x, y in guard.batches(_shard(p, rank) for p in range(10_000)):
@@ -140,14 +147,7 @@ def test_a_guard_built_before_init_process_group_joins_the_lockstep(tmp_path: Pa
 
 def _approval_worker(rank: int, store: str, out: str, url: str) -> None:
     """Rank 0 reports to a service with manual approval; the operator approves."""
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    torch.manual_seed(0)
-    model = DistributedDataParallel(
-        torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
-    )
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    config = MonitorConfig(policy=PolicyConfig(margin=10, skip_ahead=30))
+    model, opt, config = _ddp_mlp(rank, store)
     guard = SpikeGuard(
         model=model, optimizer=opt, config=config, snapshot_every=10, keep_snapshots=20,
         run_id="approve", monitor_url=url, token=SERVICE_TOKEN,

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from spikewatch.records import ACTION_SEVERITY, Decision, StepRecord
-from spikewatch.service_transport import Approval
+from spikewatch.service_transport import Approval, ServiceTransport
 from spikewatch.settings import MonitorConfig
 from spikewatch.transport import Transport
 from spikewatch_hooks.core.approval import Approvals
@@ -247,11 +247,14 @@ class GuardEngine:
     def drain(self) -> None:
         """Hand the monitor the steps still waiting in the value pipe (training ended).
 
-        Under torch.distributed this gathers: every rank calls it (the callbacks and
-        `SpikeGuard.close` do, at the end of training).
+        Under torch.distributed with a monitor service this gathers, so every rank calls
+        it (the callbacks and `SpikeGuard.close` do, at the end of training); embedded,
+        nobody would see the last few records, so no rank waits for the others here.
         """
         if self.halted or not (len(self.values) or (self.lockstep and len(self.lockstep))):
             return
+        if self.lockstep is not None and not isinstance(self.transport, ServiceTransport):
+            return  # embedded lockstep: a collective here would only risk a hang
         ready = self.lockstep.gather() if self.lockstep is not None else self.values.ready()
         self.values.clear()
         records = [
