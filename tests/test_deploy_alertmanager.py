@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from deploy_stack import BATCH, DeployedPrometheus, TrainerClient
-from prometheus_server import free_port, http_get, require_binary, stop_process
+from prometheus_server import BIN_DIR, free_port, http_get, require_binary, stop_process
 from service_client import HEALTHY, ONSET, SLACK_TOKEN, SPIKING
 from service_process import ServiceProcess
 from slack_emulator import Call, SlackEmulator, running_emulator
@@ -32,8 +32,8 @@ DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "alertmanager"
 CONFIG = DEPLOY / "alertmanager.yml"
 TEMPLATE = DEPLOY / "spikewatch.tmpl"
 RULES = DEPLOY.parent / "prometheus" / "alerts.yml"
-ALERTMANAGER = Path("/usr/bin/prometheus-alertmanager")
-AMTOOL = Path("/usr/bin/amtool")
+ALERTMANAGER = BIN_DIR / "prometheus-alertmanager"
+AMTOOL = BIN_DIR / "amtool"
 WEBHOOK_PATH = "/services/T000/B000/spikewatch"
 RUN = "llm:gpt-spike"
 
