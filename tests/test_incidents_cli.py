@@ -46,3 +46,21 @@ def test_a_missing_store_is_a_one_line_error(tmp_path: Path) -> None:
     done = _cli("--db", str(tmp_path / "nope.db"))
     assert done.returncode == 2
     assert "does not exist: pass the store `serve --db` uses" in done.stderr
+
+
+def test_an_unknown_run_is_a_readable_error_and_long_reasons_end_in_an_ellipsis(
+    tmp_path: Path,
+) -> None:
+    records = [{"step": t, "loss": 3.0 if t < 300 else 6.0} for t in range(400)]
+    with ServiceProcess(tmp_path) as svc:
+        assert svc.post("/v1/runs/gpt/records", {"records": records})[0] == 200
+        unknown = _cli("--url", svc.url, "--run", "nope")
+        table, wide = _cli("--url", svc.url), _cli("--url", svc.url, "--wide")
+    assert unknown.returncode == 2
+    assert "answered 404: no run 'nope': it has sent no records yet" in unknown.stderr
+    assert "b'" not in unknown.stderr  # no raw bytes
+    reasons = [line.split("  ")[-1] for line in table.stdout.splitlines()[1:]]
+    assert any(r.endswith("…") for r in reasons), table.stdout
+    assert all(len(r) <= 60 and not r.endswith(" …") for r in reasons)
+    whole = [line for line in wide.stdout.splitlines()[1:] if "level_shift" in line]
+    assert whole and not whole[0].endswith("…") and len(whole[0].split("  ")[-1]) > 60

@@ -29,6 +29,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     source.add_argument("--url", help="a running `spikewatch serve`, e.g. http://127.0.0.1:9650")
     p.add_argument("--run", help="only this run")
     p.add_argument("--json", action="store_true", help="print JSON lines")
+    p.add_argument("--wide", action="store_true", help="print whole reasons in the table")
     p.set_defaults(handler=run)
 
 
@@ -73,13 +74,41 @@ def _get(url: str) -> Any:
         with opener.open(url, timeout=10) as resp:
             return json.loads(resp.read())
     except urllib.error.HTTPError as exc:
-        raise SpikewatchError(f"{url} answered {exc.code}: {exc.read()[:200]!r}") from exc
+        raise SpikewatchError(f"{url} answered {exc.code}: {_error_text(exc.read())}") from exc
     except (OSError, ValueError) as exc:
         raise SpikewatchError(f"{url} cannot be read ({exc}): is the service running?") from exc
 
 
-def format_table(incidents: list[dict[str, Any]]) -> str:
-    """Incidents as an aligned table (reasons cut to 60 characters).
+def _error_text(body: bytes) -> str:
+    """The service's ``{"error": ...}`` message, or the start of whatever came back."""
+    try:
+        message = json.loads(body).get("error")
+    except (ValueError, AttributeError):
+        message = None
+    return str(message) if message else body[:200].decode(errors="replace").strip()
+
+
+def shorten(text: str, width: int) -> str:
+    """``text`` cut at a word boundary to at most ``width`` characters, with an ellipsis.
+
+    Example:
+        >>> shorten("the loss jumped and did not come back", 24)
+        'the loss jumped and did…'
+        >>> shorten("short", 24)
+        'short'
+    """
+    if len(text) <= width:
+        return text
+    cut = text[: width - 1]
+    space = cut.rfind(" ")
+    if text[width - 1] != " " and space > width // 2:  # mid-word: back to the last space
+        cut = cut[:space]
+    return cut.rstrip(" ,;:") + "…"
+
+
+def format_table(incidents: list[dict[str, Any]], *, reason_width: int | None = 60) -> str:
+    """Incidents as an aligned table; reasons shortened at a word to ``reason_width``
+    characters with an ellipsis (None: whole, what ``--wide`` prints).
 
     Example:
         >>> print(format_table([{"run": "r", "id": "loss-spike-5", "kind": "spike",
@@ -90,7 +119,10 @@ def format_table(incidents: list[dict[str, Any]]) -> str:
     """
     if not incidents:
         return "no incidents"
-    rows = [[str(i.get(c, ""))[:60] for c in COLUMNS] for i in incidents]
+    rows = [[str(i.get(c, "")) for c in COLUMNS] for i in incidents]
+    if reason_width is not None:
+        for row in rows:
+            row[-1] = shorten(row[-1], reason_width)
     widths = [max(len(c), *(len(r[k]) for r in rows)) for k, c in enumerate(COLUMNS)]
     lines = [COLUMNS, *rows]
     return "\n".join(
@@ -104,5 +136,6 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         sys.stdout.write("".join(json.dumps(i) + "\n" for i in incidents))
     else:
-        sys.stdout.write(format_table(incidents) + "\n")
+        width = None if args.wide else 60
+        sys.stdout.write(format_table(incidents, reason_width=width) + "\n")
     return 0
