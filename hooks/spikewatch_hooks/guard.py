@@ -75,6 +75,8 @@ class SpikeGuard:
         30 skip_step
         >>> guard.stats["skipped_steps"], guard.stats["rollbacks"]
         (1, 0)
+        >>> guard
+        SpikeGuard(run_id='run', step=60, embedded, rollbacks=0, skipped_steps=1, halted=False)
     """
 
     def __init__(
@@ -128,6 +130,16 @@ class SpikeGuard:
         self.checkpoint_dir = checkpoint_dir
         self.checkpoint_every = checkpoint_every
         self._resume_position = 0
+
+    def __repr__(self) -> str:
+        e = self.engine
+        mode = "service" if getattr(e.transport, "client", None) is not None else "embedded"
+        ranks = "" if e.lockstep is None else f", rank {e.lockstep.rank}/{e.lockstep.world_size}"
+        return (
+            f"SpikeGuard(run_id={self.run_id!r}, step={e.step_count}, {mode}{ranks}, "
+            f"rollbacks={e.stats['rollbacks']}, skipped_steps={e.stats['skipped_steps']}, "
+            f"halted={e.halted})"
+        )
 
     # -- the loop ---------------------------------------------------------------------
     def batches(self, loader: Iterable[_B]) -> Iterator[_B]:

@@ -39,6 +39,8 @@ class Monitor:
          (300, 'watch', 'spike'), (315, 'rollback', 'level_shift')]
         >>> [(i.kind, i.onset_step, i.end_step, i.transient, i.action) for i in mon.incidents]
         [('spike', 200, 200, True, 'watch'), ('level_shift', 300, None, False, 'rollback')]
+        >>> mon
+        Monitor(run='demo', records=400, last_step=399, incidents=2, open=0)
     """
 
     def __init__(
@@ -57,6 +59,13 @@ class Monitor:
         self.records = 0
         self.last_step: int | None = None
         self._budget = MAX_RUN  # records scored per bulk call; adapts (see `_routine`)
+
+    def __repr__(self) -> str:
+        still_open = sum(i.status == "open" for i in self._incidents.values())
+        return (
+            f"Monitor(run={self.run!r}, records={self.records}, last_step={self.last_step}, "
+            f"incidents={len(self._incidents)}, open={still_open})"
+        )
 
     @property
     def incidents(self) -> list[Incident]:

@@ -23,6 +23,8 @@ class SkipLedger:
         (False, True, True, False)
         >>> ledger.ranges(), len(ledger)
         ([(100, 140)], 40)
+        >>> ledger
+        SkipLedger(40 positions in 1 range: [100, 140))
     """
 
     def __init__(self) -> None:
@@ -54,6 +56,14 @@ class SkipLedger:
 
     def __len__(self) -> int:
         return sum(b - a for a, b in zip(self._starts, self._stops, strict=True))
+
+    def __repr__(self) -> str:
+        ranges = self.ranges()
+        shown = ", ".join(f"[{a}, {b})" for a, b in ranges[:4])
+        more = f", ... ({len(ranges) - 4} more)" if len(ranges) > 4 else ""
+        plural = "range" if len(ranges) == 1 else "ranges"
+        body = f": {shown}{more}" if ranges else ""
+        return f"SkipLedger({len(self)} positions in {len(ranges)} {plural}{body})"
 
     def ranges(self) -> list[tuple[int, int]]:
         """The merged ranges, in order."""
