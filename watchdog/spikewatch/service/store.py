@@ -289,8 +289,25 @@ class EventStore:
     def retain(self, policy: RetentionPolicy) -> Pruned:
         """Delete what ``policy`` no longer keeps, in small transactions (ingest goes on
         between them), then give the freed pages back and truncate the WAL."""
-        pruned = prune(self._tx, self.reading, policy, self.clock())
-        pruned.freed_pages = compact(self.reading)
+        if self.path == ":memory:":
+            return prune(self._tx, self.reading, policy, self.clock())
+        # Each step's pages are checkpointed right after it, on a second connection and
+        # outside the store's lock (a passive checkpoint runs beside writers); otherwise
+        # the WAL fills with retention's pages and the ingest commit that crosses
+        # wal_autocheckpoint pays to copy them all.
+        aside = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+
+        @contextmanager
+        def step(open_step: Callable[[], Any]) -> Iterator[sqlite3.Connection]:
+            with open_step() as db:
+                yield db
+            aside.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+        try:
+            pruned = prune(lambda: step(self._tx), lambda: step(self.reading), policy, self.clock())
+            pruned.freed_pages = compact(lambda: step(self.reading))
+        finally:
+            aside.close()
         return pruned
 
     def file_bytes(self) -> int:

@@ -39,7 +39,7 @@ class RetentionPolicy:
     max_incident_age_s: float | None = None
     keep_decisions: int | None = None
     max_decision_age_s: float | None = None
-    batch_rows: int = 500
+    batch_rows: int = 200
 
 
 @dataclass(slots=True)
@@ -143,7 +143,7 @@ def _prune_history(
     return dropped
 
 
-def compact(read: _Tx, *, pages_per_step: int = 2048) -> int:
+def compact(read: _Tx, *, pages_per_step: int = 256) -> int:
     """Give free pages back to the file system, then truncate the WAL; return pages freed.
 
     Only databases whose ``auto_vacuum`` is ``INCREMENTAL`` can shrink this way; for
@@ -158,7 +158,8 @@ def compact(read: _Tx, *, pages_per_step: int = 2048) -> int:
             free = int(db.execute("PRAGMA freelist_count").fetchone()[0])
             if free == 0:
                 break
-            db.execute(f"PRAGMA incremental_vacuum({pages_per_step})").fetchall()
+            # executescript steps the pragma to the end; execute() frees one page per call.
+            db.executescript(f"PRAGMA incremental_vacuum({pages_per_step});")
             left = int(db.execute("PRAGMA freelist_count").fetchone()[0])
         freed += free - left
         if left >= free:  # nothing moved (a reader holds pages): try next pass
