@@ -23,8 +23,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from spikewatch.errors import bad_value
-from spikewatch.http_wire import Batch, Connection, Rewind, decision_of
+from spikewatch.http_wire import Batch, Connection, Rewind, decision_of, verdict
 from spikewatch.records import Decision, StepRecord
+from spikewatch.validation import check_run_id
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ class HttpTransport:
         token = token if token is not None else os.environ.get(TOKEN_ENV, "")
         if not token:
             raise bad_value("token", token, f"pass token= or set {TOKEN_ENV} (the service's token)")
+        check_run_id("run", run)  # the service's own rule: refused there, every batch would be
         self.url, self.run = url, run
         base = f"{parts.path.rstrip('/')}/v1/runs/{urllib.parse.quote(run, safe='')}"
         self._parts, self._token, self._config_path = parts, token, f"{base}/config"
@@ -104,7 +106,12 @@ class HttpTransport:
         self._threshold = float("inf")
         self._incidents = 0
         self.sent = self.dropped = self.failures = self.rejected = 0
+        #: The status the service refused this client with (401/403: a wrong token);
+        #: nothing is sent after it, and records are dropped and counted.
+        self.refused: int | None = None
+        self._logged: set[tuple[int, str]] = set()  # rejections already logged
         self._stop = False
+        self._stopped = threading.Event()  # wakes the sender out of a backoff pause
         self._finishing = self._finish_sent = False
         self._thread = threading.Thread(target=self._run, name="spikewatch-http", daemon=True)
         self._thread.start()
@@ -147,7 +154,7 @@ class HttpTransport:
 
     def _enqueue(self, records: Sequence[StepRecord]) -> None:
         with self._lock:
-            room = max(0, self.max_queue - self._queued)
+            room = 0 if self.refused else max(0, self.max_queue - self._queued)
             if room < len(records):
                 self.dropped += len(records) - room
                 records = records[:room]
@@ -240,20 +247,28 @@ class HttpTransport:
         return False
 
     def close(self, timeout: float = 5.0) -> None:
-        """Deliver what is queued and finish the run (up to ``timeout``); stop the sender."""
+        """Deliver what is queued and finish the run; stop the sender. Returns within
+        ``timeout`` seconds, delivered or not (a request still in flight is abandoned:
+        the sender is a daemon thread)."""
         if self._stop:
             return
-        self.finish(timeout)
+        deadline = time.monotonic() + timeout
+        if self.refused is None:
+            self.finish(timeout)
+        self._halt()
+        self._thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        if not self._thread.is_alive():
+            self._conn.reset()
+
+    def _halt(self) -> None:
         self._stop = True
+        self._stopped.set()
         self._wake.set()
-        self._thread.join(timeout=max(timeout, 0.1))
-        self._conn.reset()
 
     def _at_exit(self) -> None:
         if not self._stop:
             self.flush(2.0)
-            self._stop = True
-            self._wake.set()
+            self._halt()
 
     # -- the sender thread --------------------------------------------------------------
     def _run(self) -> None:
@@ -273,12 +288,15 @@ class HttpTransport:
                 outcome = "retry"
             if outcome == "retry":
                 self.failures += 1
-                time.sleep(backoff)  # the service is down or slow: keep the batch, retry
+                self._stopped.wait(backoff)  # the service is down or slow: keep it, retry
                 backoff = min(backoff * 2.0, self.max_backoff_s)
                 continue
             assert batch is not None
             if outcome == "sent":
                 self._commit(batch)
+            elif outcome == "refused":
+                self._refuse()
+                return
             else:
                 self._drop(batch)
             batch, backoff = None, 0.1
@@ -363,13 +381,30 @@ class HttpTransport:
         if status == 200:
             self._handle(payload)
             return "sent"
-        if status in (400, 413, 422):  # this batch can never be accepted: say why, move on
-            log.error("spikewatch: monitor service rejected a batch (%d): %s", status, payload)
-            return "rejected"
+        outcome, why = verdict(status, payload)
+        if outcome == "refused":
+            self.refused = status
+        if outcome != "retry":
+            self.failures += 1
+            key = (status, str(payload.get("field", "")) if isinstance(payload, dict) else "")
+            # Once per kind of refusal: the next batches would say the same thing.
+            level = logging.DEBUG if key in self._logged else logging.ERROR
+            self._logged.add(key)
+            log.log(level, "spikewatch: monitor service %s refused run %r (%d: %s): %s",
+                    self.url, self.run, status, _error_of(payload), why)  # fmt: skip
+            return outcome
         log.warning("spikewatch: monitor service answered %d (%s); retrying", status, payload)
         return "retry"
 
+    def _refuse(self) -> None:
+        """The service refuses this client for good: drop (and count) what is queued."""
+        with self._lock:
+            self.dropped += self._queued
+            self._queue.clear()
+            self._queued = 0
+
     def _handle(self, payload: Any) -> None:
+        """Take a 200 answer: the skip threshold, the incidents, the commands."""
         if not isinstance(payload, dict):  # a proxy's page, say: the batch was not taken
             raise http.client.HTTPException(f"not a spikewatch answer: {str(payload)[:80]!r}")
         threshold = payload.get("skip_threshold")
@@ -382,3 +417,7 @@ class HttpTransport:
             self._seen.add(cmd["id"])
             with self._lock:
                 self._commands.append(cmd)
+
+
+def _error_of(payload: Any) -> str:
+    return str(payload.get("error", payload)) if isinstance(payload, dict) else str(payload)

@@ -10,7 +10,7 @@ import http.client
 import json
 import urllib.parse
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from spikewatch.records import Decision, StepRecord
 
@@ -125,3 +125,31 @@ def decision_of(cmd: dict[str, Any]) -> Decision:
         lr_factor=float(cmd.get("lr_factor", 1.0)),
         skip_ahead=int(cmd.get("skip_ahead", 0)),
     )
+
+
+#: After an answer other than 200: send the batch again later, drop it (it can never be
+#: accepted), or stop sending (the service refuses this client, e.g. its token).
+Verdict = Literal["retry", "rejected", "refused"]
+
+
+def verdict(status: int, payload: Any) -> tuple[Verdict, str]:
+    """What the sender does after a non-200 answer, and the fix it logs.
+
+    Example:
+        >>> verdict(503, {})[0], verdict(422, {"field": "records[0].loss"})[0], verdict(403, {})[0]
+        ('retry', 'rejected', 'refused')
+    """
+    field_ = payload.get("field") if isinstance(payload, dict) else None
+    if status in (401, 403) or (status == 422 and field_ == "run"):
+        return "refused", (
+            "pass the token `spikewatch serve` was started with (token= or "
+            "$SPIKEWATCH_TOKEN) and a valid run id; nothing more is sent for this run"
+        )
+    if status == 413:
+        return "rejected", "the batch is over the service's max_body_bytes: lower batch_size="
+    if 400 <= status < 500 and status not in (408, 429):
+        return "rejected", (
+            "this batch can never be accepted: its records are dropped (counted in "
+            "`rejected`); the message names the field to fix"
+        )
+    return "retry", ""

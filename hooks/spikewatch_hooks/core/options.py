@@ -17,7 +17,7 @@ from spikewatch.monitor import Monitor
 from spikewatch.service_transport import Approval, ServiceTransport, config_from_service
 from spikewatch.settings import MonitorConfig
 from spikewatch.transport import EmbeddedTransport, Transport
-from spikewatch.validation import check_int
+from spikewatch.validation import check_int, check_run_id
 from spikewatch_hooks.core.checks import check_components
 from spikewatch_hooks.core.engine import GuardEngine
 from spikewatch_hooks.distributed.lockstep import Lockstep
@@ -75,6 +75,7 @@ class GuardOptions:
         if margin is not None:  # PolicyConfig validates it (margin=-1 -> a clear error)
             config = replace(config, policy=replace(config.policy, margin=margin))
         if monitor_url is not None:
+            check_run_id("run_id", run_id)  # the service refuses any other: fail here
             token = check_service(monitor_url, token)
         return cls(
             run_id=run_id,

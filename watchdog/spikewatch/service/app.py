@@ -28,17 +28,16 @@ from spikewatch.service.core import Service
 from spikewatch.service.limits import RequestLimits, token_problem
 from spikewatch.service.openapi import INGEST_PATH, build_openapi, errors
 from spikewatch.service.operator import OperatorError
-from spikewatch.service.payloads import (
-    RUN_ID,
-    PayloadError,
-    check_run_id,
-    parse_ingest,
-    parse_json,
-)
+from spikewatch.service.payloads import PayloadError, check_run_id, parse_ingest, parse_json
+from spikewatch.validation import RUN_ID_PATTERN
 
 log = logging.getLogger(__name__)
 
-RunId = Annotated[str, FastApiPath(pattern=RUN_ID.pattern, description="the run id")]
+RunId = Annotated[str, FastApiPath(pattern=RUN_ID_PATTERN, description="the run id")]
+
+
+#: The most batches a rollback may skip ahead (a billion: beyond any real data set).
+MAX_SKIP_AHEAD = 10**9
 
 
 class CommandIn(BaseModel):
@@ -47,12 +46,16 @@ class CommandIn(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a typo like "reson" is an error, not ignored
 
     action: Literal["halt", "resume", "approve", "veto", "rollback"]
-    command: str | None = Field(default=None, description="the proposed command (approve, veto)")
+    command: str | None = Field(
+        default=None, max_length=64, description="the proposed command (approve, veto)"
+    )
     reason: str = Field(default="operator request", max_length=500)
     rollback_before_step: int | None = Field(
-        default=None, description="rollback: restore at or before"
+        default=None, ge=0, le=2**63 - 1, description="rollback: restore at or before this step"
     )
-    skip_ahead: int = Field(default=0, ge=0)
+    skip_ahead: int = Field(
+        default=0, ge=0, le=MAX_SKIP_AHEAD, description="rollback: batches to skip past"
+    )
 
 
 def _json(data: Any, status: int = 200) -> Response:

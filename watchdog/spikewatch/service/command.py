@@ -13,6 +13,9 @@ from pathlib import Path
 from spikewatch.errors import ConfigError
 
 TOKEN_ENV = "SPIKEWATCH_TOKEN"
+#: The shortest service token accepted: a short one is guessed (``openssl rand -hex 24``
+#: makes 48 characters).
+MIN_TOKEN_CHARS = 16
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -37,8 +40,8 @@ def read_token(token_file: str | None, environ: dict[str, str] | os._Environ[str
     """The bearer token from ``--token-file`` or the environment; never from the command line.
 
     Example:
-        >>> read_token(None, {"SPIKEWATCH_TOKEN": " s3cret\\n"})
-        's3cret'
+        >>> read_token(None, {"SPIKEWATCH_TOKEN": " 5f0c2a9e41b7d3c8e6a1\\n"})
+        '5f0c2a9e41b7d3c8e6a1'
         >>> read_token(None, {})  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
@@ -51,12 +54,21 @@ def read_token(token_file: str | None, environ: dict[str, str] | os._Environ[str
             raise ConfigError(f"--token-file {token_file!r} cannot be read ({exc})") from exc
         if not token:
             raise ConfigError(f"--token-file {token_file!r} is empty: put the token in it")
-        return token
+        return _long_enough(token, f"the token in --token-file {token_file!r}")
     token = environ.get(TOKEN_ENV, "").strip()
     if not token:
         raise ConfigError(
             f"no token: set {TOKEN_ENV} or pass --token-file "
             "(every write needs Authorization: Bearer)"
+        )
+    return _long_enough(token, f"${TOKEN_ENV}")
+
+
+def _long_enough(token: str, where: str) -> str:
+    if len(token) < MIN_TOKEN_CHARS:
+        raise ConfigError(
+            f"{where} has {len(token)} characters: use at least {MIN_TOKEN_CHARS} "
+            "(e.g. export SPIKEWATCH_TOKEN=$(openssl rand -hex 24))"
         )
     return token
 

@@ -8,7 +8,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
-from spikewatch.service.payloads import RUN_ID
+from spikewatch.validation import RUN_ID_PATTERN
 
 _RECORD_SCHEMA = {
     "type": "object",
@@ -80,7 +80,7 @@ INGEST_OPERATION = {
             "name": "run",
             "in": "path",
             "required": True,
-            "schema": {"type": "string", "pattern": RUN_ID.pattern},
+            "schema": {"type": "string", "pattern": RUN_ID_PATTERN},
         }
     ],
     "requestBody": _INGEST_BODY,

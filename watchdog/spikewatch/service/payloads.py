@@ -1,52 +1,32 @@
 """Validate request bodies of the HTTP API into wire types, naming the bad field.
 
-The ingest body is checked record by record with plain type tests (about a microsecond
-per record) rather than a schema library: it is the service's hot path. NaN and
-Infinity are valid losses (Python's JSON literals); a string, a bool or a missing
-``step`` is not.
+The ingest body is checked with plain type tests (`record_columns`) rather than a schema
+library: it is the service's hot path. NaN and Infinity are valid losses (Python's JSON
+literals); a number literal beyond the float range (``1e309``) is not, whichever parser
+reads the body.
 """
 
 from __future__ import annotations
 
 import json
-import operator
-import re
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
-from spikewatch.errors import WireFormatError
 from spikewatch.records import StepRecord
+from spikewatch.service.payload_error import PayloadError, bad
+from spikewatch.service.record_columns import INT64_MIN, columns, integer
 from spikewatch.service.reports import REPORT_FIELDS, ReportError, TrainerReport, parse_report
+from spikewatch.validation import RUN_ID_RULE, is_run_id
 
-#: Run ids appear in URLs, metric labels and Slack: keep them plain.
-RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}$")
+__all__ = ["IngestBatch", "PayloadError", "check_run_id", "parse_ingest", "parse_json"]
 
-# SQLite stores 64-bit integers; a float holds ints below ~1.8e308.
-_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
-_FLOAT_MAX = 2**1023 * (2 - 2**-52)  # the largest finite float, as an exact int
-
-_RECORD_FIELDS = frozenset(("run", "step", "loss", "grad_norm", "lr", "data_position", "wall_time"))
 _BATCH_FIELDS = (
     frozenset(("records", "seq", "client", "acks", "rewind_to", "dropped", "finished"))
     | REPORT_FIELDS
 )
-
-
-class PayloadError(WireFormatError):
-    """A request body is malformed; ``field`` is the JSON path of the first bad value."""
-
-    def __init__(self, field: str, message: str, *, status: int = 422) -> None:
-        super().__init__(message)
-        self.field, self.status = field, status
-
-
-def _bad(path: str, value: object, want: str) -> PayloadError:
-    shown = repr(value)
-    if len(shown) > 80:
-        shown = shown[:77] + "..."
-    return PayloadError(path, f"{path}={shown} is invalid: expected {want}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,10 +81,10 @@ def check_run_id(run: str) -> str:
         >>> check_run_id("a b")
         Traceback (most recent call last):
         ...
-        spikewatch.service.payloads.PayloadError: run='a b' is invalid: expected 1-128 of ...
+        spikewatch.service.payload_error.PayloadError: run='a b' is invalid: expected 1-128 of ...
     """
-    if not RUN_ID.match(run):
-        raise _bad("run", run, "1-128 of A-Z a-z 0-9 . _ : @ + - (starting with a letter or digit)")
+    if not is_run_id(run):
+        raise bad("run", run, RUN_ID_RULE)
     return run
 
 
@@ -121,16 +101,28 @@ def parse_json(body: bytes) -> Any:
         >>> parse_json(b'{"loss": 1.5')  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        spikewatch.service.payloads.PayloadError: body is not valid JSON (...): send a JSON object
+        spikewatch.service.payload_error.PayloadError: body is not valid JSON (...): send ...
     """
     try:
         if b"NaN" in body or b"Infinity" in body:
-            return json.loads(body)
+            return json.loads(body, parse_float=_finite)
         return orjson.loads(body)
     except (ValueError, RecursionError) as exc:  # bad JSON, >4300-digit ints, deep nesting
+        why = _TOO_BIG if "infinity when parsed" in str(exc) else str(exc)
         raise PayloadError(
-            "body", f"body is not valid JSON ({exc}): send a JSON object", status=400
+            "body", f"body is not valid JSON ({why}): send a JSON object", status=400
         ) from exc
+
+
+_TOO_BIG = "a number beyond the float range: send Infinity or a finite number"
+
+
+def _finite(text: str) -> float:
+    """The standard parser's floats as orjson reads them: ``1e309`` is an error, not inf."""
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(_TOO_BIG)
+    return value
 
 
 def parse_ingest(data: object, run: str, *, max_records: int) -> IngestBatch:
@@ -143,10 +135,10 @@ def parse_ingest(data: object, run: str, *, max_records: int) -> IngestBatch:
         >>> parse_ingest({"records": [{"step": 1, "loss": "1.0"}]}, "r", max_records=10)
         Traceback (most recent call last):
         ...
-        spikewatch.service.payloads.PayloadError: records[0].loss='1.0' is invalid: ...
+        spikewatch.service.payload_error.PayloadError: records[0].loss='1.0' is invalid: ...
     """
     if type(data) is not dict:
-        raise _bad("body", data, 'a JSON object like {"records": [...]}')
+        raise bad("body", data, 'a JSON object like {"records": [...]}')
     unknown = data.keys() - _BATCH_FIELDS
     if unknown:
         name = sorted(unknown)[0]
@@ -155,12 +147,12 @@ def parse_ingest(data: object, run: str, *, max_records: int) -> IngestBatch:
         )
     items = data.get("records")
     if type(items) is not list:
-        raise _bad("records", items, "a JSON array of records")
+        raise bad("records", items, "a JSON array of records")
     if len(items) > max_records:
         raise PayloadError(
             "records", f"records has {len(items)} items: send at most {max_records} per request"
         )
-    steps, loss, grad, lr = _columns(items, run)
+    steps, loss, grad, lr = columns(items, run)
     return IngestBatch(
         steps=steps,
         loss=loss,
@@ -185,134 +177,30 @@ def _report(data: dict[str, Any]) -> TrainerReport | None:
 
 def _rewind_step(data: dict[str, Any]) -> int | None:
     value = _optional_int(data, "rewind_to")
-    if value is not None and value <= _INT64_MIN:  # the step before it must fit too
-        raise _bad("rewind_to", value, f"an integer above {_INT64_MIN}")
+    if value is not None and value <= INT64_MIN:  # the step before it must fit too
+        raise bad("rewind_to", value, f"an integer above {INT64_MIN}")
     return value
 
 
 def _flag(data: dict[str, Any], name: str) -> bool:
     value = data.get(name, False)
     if type(value) is not bool:
-        raise _bad(name, value, "true or false")
+        raise bad(name, value, "true or false")
     return value
 
 
-Columns = tuple[list[int], list[float], list[float | None], list[float | None]]
-
-
-def _columns(items: list[Any], run: str) -> Columns:
-    """Type-check whole columns at once (a few list passes); on any doubt, fall back to
-    the record-by-record check, which finds the first bad field and says what it is."""
-    # map() with C callables keeps each pass out of the interpreter loop.
-    if set(map(type, items)) <= _DICT and all(map(_RECORD_FIELDS.issuperset, items)):
-        steps = [d.get("step") for d in items]
-        loss = [d.get("loss") for d in items]
-        grad = [d.get("grad_norm") for d in items]
-        lr = [d.get("lr") for d in items]
-        if (
-            set(map(type, steps)) <= _INT
-            and (not steps or (steps[0] >= _INT64_MIN and steps[-1] <= _INT64_MAX))
-            and all(map(operator.lt, steps, steps[1:]))
-            and set(map(type, loss)) <= _FLOAT
-            and set(map(type, grad)) <= _FLOAT_OR_NONE
-            and set(map(type, lr)) <= _FLOAT_OR_NONE
-            and (all(map(_FAST_FIELDS.issuperset, items)) or all(_extras_ok(d, run) for d in items))
-        ):
-            return steps, loss, grad, lr
-    records = _records(items, run)
-    return (
-        [r.step for r in records],
-        [r.loss for r in records],
-        [r.grad_norm for r in records],
-        [r.lr for r in records],
-    )
-
-
-_FAST_FIELDS = frozenset(("step", "loss", "grad_norm", "lr"))
-_DICT, _INT, _FLOAT = frozenset((dict,)), frozenset((int,)), frozenset((float,))
-_FLOAT_OR_NONE = frozenset((float, type(None)))
-
-
-def _extras_ok(d: dict[str, Any], run: str) -> bool:
-    dp, wt = d.get("data_position"), d.get("wall_time")
-    return (
-        d.get("run", run) == run
-        and (dp is None or (type(dp) is int and _INT64_MIN <= dp <= _INT64_MAX))
-        and (wt is None or type(wt) is float)
-    )
-
-
-def _records(items: list[Any], run: str) -> list[StepRecord]:
-    out: list[StepRecord] = []
-    last = None
-    for i, d in enumerate(items):
-        if type(d) is not dict:
-            raise _bad(f"records[{i}]", d, "a JSON object")
-        if d.keys() - _RECORD_FIELDS:
-            name = sorted(d.keys() - _RECORD_FIELDS)[0]
-            raise PayloadError(
-                f"records[{i}].{name}",
-                f"records[{i}].{name} is not a record field: use "
-                + ", ".join(sorted(_RECORD_FIELDS)),
-            )
-        step = d.get("step")
-        if type(step) is not int or not _INT64_MIN <= step <= _INT64_MAX:
-            raise _bad(f"records[{i}].step", step, "a 64-bit integer")
-        if last is not None and step <= last:
-            raise _bad(
-                f"records[{i}].step", step, f"a step after {last} (steps in a batch must increase)"
-            )
-        if d.get("run", run) != run:
-            raise _bad(
-                f"records[{i}].run", d["run"], f"{run!r} (the run in the URL) or no run field"
-            )
-        loss = d.get("loss")
-        if type(loss) is not float:
-            loss = _number(loss, f"records[{i}].loss", optional=False)
-        out.append(
-            StepRecord(
-                run,
-                step,
-                loss,
-                _number(d.get("grad_norm"), f"records[{i}].grad_norm"),
-                _number(d.get("lr"), f"records[{i}].lr"),
-                _integer(d.get("data_position"), f"records[{i}].data_position"),
-                _number(d.get("wall_time"), f"records[{i}].wall_time"),
-            )
-        )
-        last = step
-    return out
-
-
-def _number(value: Any, path: str, *, optional: bool = True) -> Any:
-    t = type(value)
-    if t is float or (value is None and optional):
-        return value
-    if t is int and -_FLOAT_MAX <= value <= _FLOAT_MAX:
-        return float(value)
-    raise _bad(
-        path, value, "a number or null" if optional else "a number (NaN and Infinity allowed)"
-    )
-
-
-def _integer(value: Any, path: str) -> int | None:
-    if value is None or (type(value) is int and _INT64_MIN <= value <= _INT64_MAX):
-        return value
-    raise _bad(path, value, "an integer or null")
-
-
 def _optional_int(data: dict[str, Any], name: str) -> int | None:
-    return _integer(data.get(name), name)
+    return integer(data.get(name), name)
 
 
 def _optional_str(data: dict[str, Any], name: str) -> str | None:
     value = data.get(name)
     if value is None or (type(value) is str and len(value) <= 128):
         return value
-    raise _bad(name, value, "a string of at most 128 characters or null")
+    raise bad(name, value, "a string of at most 128 characters or null")
 
 
 def _acks(value: Any) -> list[str]:
     if type(value) is not list or not all(type(v) is str for v in value):
-        raise _bad("acks", value, "a JSON array of command ids (strings)")
+        raise bad("acks", value, "a JSON array of command ids (strings)")
     return value

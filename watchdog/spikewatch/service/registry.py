@@ -16,6 +16,7 @@ from typing import Any
 
 from spikewatch.records import Decision
 from spikewatch.service.announce import close_stall, touched_incidents, watch_recovery
+from spikewatch.service.attempts import Continuation, body_digest, continuation, start_attempt
 from spikewatch.service.commands import (
     apply_acks,
     apply_events,
@@ -93,10 +94,13 @@ class RunRegistry:
                 empty = ServiceRun(run_id, self.config.monitor, recent=1)
                 return self._response(empty, 0, duplicate=False)
             run = self._current(run_id)
-            if self._is_retry(run, batch):
+            digest = body_digest(body)
+            how = continuation(run, batch, digest)  # may refuse it: nothing changed yet
+            if how == "retry":
                 return self._response(run, 0, duplicate=True)
             try:
-                self._ingest(run, batch, body, notices)
+                self._ingest(run, batch, body, notices, how=how)
+                run.digest = digest if batch.steps else run.digest
             except Exception:
                 # The store did not take the batch: the in-memory run is ahead of it now.
                 # Reload it before the client's retry, so that batch counts exactly once.
@@ -122,17 +126,14 @@ class RunRegistry:
             )
         return run
 
-    def _is_retry(self, run: ServiceRun, batch: IngestBatch) -> bool:
-        return (
-            batch.client is not None
-            and batch.client == run.client
-            and batch.seq is not None
-            and run.seq is not None
-            and batch.seq <= run.seq
-        )
-
     def _ingest(
-        self, run: ServiceRun, batch: IngestBatch, body: bytes, notices: list[Notice]
+        self,
+        run: ServiceRun,
+        batch: IngestBatch,
+        body: bytes,
+        notices: list[Notice],
+        *,
+        how: Continuation,
     ) -> None:
         now = self.clock()
         write = BatchWrite(run=run.run, monitor=None, info={})
@@ -143,12 +144,7 @@ class RunRegistry:
             run.restorable = report.restorable if report.restorable is not None else run.restorable
         write.commands += apply_acks(run, batch.acks, notices)
         steps = batch.steps
-        last = run.monitor.last_step
-        rewind_to = batch.rewind_to
-        if rewind_to is None and steps and last is not None and steps[0] <= last:
-            rewind_to = steps[0]  # the trainer went back without saying so
-        if rewind_to is not None:
-            self._rewind(run, rewind_to, write)
+        rewound = self._continue(run, batch, how, write)
         run.client, run.seq = batch.client, batch.seq
         run.client_dropped = max(run.client_dropped, batch.dropped)
         if steps or batch.finished:
@@ -164,11 +160,10 @@ class RunRegistry:
             run.stalled = False
             if run.stall_incident:  # records again, or the trainer says it finished
                 write.incidents.append(close_stall(run, notices))
-        eventful = bool(write.commands or write.decisions) or rewind_to is not None
+        eventful = bool(write.commands or write.decisions) or rewound
         eventful = eventful or (report is not None and bool(report.events or report.config))
         saved = run.state_saved_at
         if eventful or saved is None or now - saved >= self.config.state_every_s:
-            write.snapshot_step = run.due_snapshot(self.config.snapshot_every)
             write.monitor = run.monitor_json()
             run.state_saved_at = now
         write.info = run.info()
@@ -191,7 +186,14 @@ class RunRegistry:
         trainer = None if report is None else report.decisions
         decisions: list[Decision] = []
         if batch.steps:
-            decisions = run.observe(batch, now=now, decisions=trainer)
+            # Snapshots at the trainer's boundaries, as many as its ring can reach.
+            keep = self.config.keep_snapshots
+            keep = min(keep, len(run.restorable) + 1) if run.restorable else keep
+            every = self.config.snapshot_every
+            decisions = run.observe(
+                batch, now=now, decisions=trainer, snapshot_every=every, keep=keep
+            )
+            write.snapshots, run.new_snapshots = run.new_snapshots, []
             write.body, write.count = body, len(batch.steps)
             write.first_step, write.last_step = batch.steps[0], batch.steps[-1]
         elif trainer and isinstance(run.monitor, MirrorMonitor):
@@ -207,6 +209,21 @@ class RunRegistry:
                 approval = self.config.approval
                 write.commands += commands_from(run, decisions, notices, approval=approval)
         return decisions
+
+    def _continue(
+        self, run: ServiceRun, batch: IngestBatch, how: Continuation, write: BatchWrite
+    ) -> bool:
+        """Rewind for a rollback, or begin a new attempt (`attempts`); True if either."""
+        if how == "attempt":
+            step = batch.steps[0]
+            snapshot = self.store.snapshot_before(run.run, step)
+            write.commands += start_attempt(run, step, snapshot)
+            write.drop_snapshots_from = step  # the last attempt's, from where this one starts
+            return True
+        if how == "rewind" and batch.rewind_to is not None:
+            self._rewind(run, batch.rewind_to, write)
+            return True
+        return False
 
     def _rewind(self, run: ServiceRun, step: int, write: BatchWrite) -> None:
         last = run.monitor.last_step

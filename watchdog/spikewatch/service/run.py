@@ -10,6 +10,7 @@ from spikewatch.incidents import Incident
 from spikewatch.monitor import Monitor
 from spikewatch.records import Decision, Signal
 from spikewatch.service.payloads import IngestBatch
+from spikewatch.service.snapshot_points import snapshot_points
 from spikewatch.service.status import RunState, RunStatus
 from spikewatch.service.store_schema import StoredRun
 from spikewatch.settings import MonitorConfig
@@ -84,6 +85,10 @@ class ServiceRun:
         self.config: dict[str, Any] | None = None  # the trainer's effective settings
         self.restorable: list[int] | None = None  # steps the trainer can restore now
         self.last_rollback: dict[str, Any] | None = None  # the trainer's newest rollback
+        self.attempt = 1  # a new client session starting the run over is a new attempt
+        self.attempt_step: int | None = None  # the first step of the current attempt
+        self.digest: str | None = None  # of the last body with records (retries w/o seq)
+        self.new_snapshots: list[tuple[int, str]] = []  # taken by `observe`, not stored yet
 
     # -- ingest -------------------------------------------------------------------------
     def use_trainer_decisions(self) -> None:
@@ -96,14 +101,21 @@ class ServiceRun:
         self.monitor, self.trainer_decides = mirror, True
 
     def observe(
-        self, batch: IngestBatch, *, now: float, decisions: list[Decision] | None = None
+        self,
+        batch: IngestBatch,
+        *,
+        now: float,
+        decisions: list[Decision] | None = None,
+        snapshot_every: int = 0,
+        keep: int = 1,
     ) -> list[Decision]:
         """Feed a batch to the monitor; track the latest values and signal counts.
 
         ``decisions``: the trainer's own (service mode), folded into incidents instead
-        of the service's.
+        of the service's. With ``snapshot_every``, the detectors are snapshotted at the
+        boundaries the batch crosses (`snapshot_points`) into `new_snapshots`.
         """
-        own = self.monitor.observe_columns(batch.steps, batch.loss, batch.grad_norm)
+        own = self._observe_cut(batch, snapshot_every, keep)
         if decisions is None:
             decisions = own
         elif isinstance(self.monitor, MirrorMonitor):
@@ -112,13 +124,32 @@ class ServiceRun:
         self.count_decisions(decisions)
         return decisions
 
+    def _observe_cut(self, batch: IngestBatch, every: int, keep: int) -> list[Decision]:
+        """Observe the batch in pieces, snapshotting the detectors between them."""
+        points = [] if every <= 0 else snapshot_points(
+            self.monitor.last_step, batch.steps, every=every, keep=keep
+        )  # fmt: skip
+        decisions: list[Decision] = []
+        start = 0
+        for end, label in [*points, (len(batch.steps), None)]:
+            if end > start:
+                decisions += self.monitor.observe_columns(
+                    batch.steps[start:end], batch.loss[start:end], batch.grad_norm[start:end]
+                )
+                start = end
+            if label is not None and label != self.last_snapshot_step:
+                self.new_snapshots.append((label, self.monitor_json()))
+                self.last_snapshot_step = label
+        return decisions
+
     def count_decisions(self, decisions: list[Decision]) -> None:
         """Signals and skipped updates, whoever decided."""
-        # Loss and grad norm may both flag one step: it is still one skipped update.
+        # Loss and grad norm may both flag one step (a NaN loss makes the grad norm NaN
+        # too): it is still one skipped update, and one signal of that kind.
         self.counts["skipped_steps"] += len({d.step for d in decisions if d.action == "skip_step"})
+        flagged = {(d.step, d.signal.kind) for d in decisions if d.signal is not None}
+        self.signals.update(kind for _, kind in flagged)
         for d in decisions:
-            if d.signal is not None:
-                self.signals[d.signal.kind] += 1
             if d.action == "rollback" and self.trainer_decides:
                 incident = d.signal.incident if d.signal else ""
                 self.last_rollback = {"incident": incident, "step": d.step}
@@ -127,6 +158,8 @@ class ServiceRun:
     def _track(self, batch: IngestBatch, now: float) -> None:
         """Keep the latest values and the recent curve."""
         self.last_record_time, self.loss = now, batch.loss[-1]
+        if self.attempt_step is None:
+            self.attempt_step = batch.steps[0]
         self.grad_norm = _last_given(batch.grad_norm, self.grad_norm)
         self.lr = _last_given(batch.lr, self.lr)
         self.recent.extend(zip(batch.steps, batch.loss, strict=True))
@@ -142,16 +175,6 @@ class ServiceRun:
             self.monitor.rewind({"loss": snapshot["loss"], "grad_norm": snapshot["grad_norm"]})
         while self.recent and self.recent[-1][0] >= step:
             self.recent.pop()
-
-    def due_snapshot(self, every: int) -> int | None:
-        """The step to snapshot the detectors at, when ``every`` steps have passed."""
-        last = self.monitor.last_step
-        if last is None:
-            return None
-        if self.last_snapshot_step is None or last - self.last_snapshot_step >= every:
-            self.last_snapshot_step = last
-            return last
-        return None
 
     # -- views --------------------------------------------------------------------------
     @property
@@ -184,6 +207,8 @@ class ServiceRun:
             incidents_total=len(incidents),
             client_dropped=self.client_dropped,
             decides="trainer" if self.trainer_decides else "service",
+            attempt=self.attempt,
+            attempt_step=self.attempt_step,
             config=self.config,
             restorable=self.restorable,
         )
@@ -220,6 +245,9 @@ class ServiceRun:
             "config": self.config,
             "restorable": self.restorable,
             "last_rollback": self.last_rollback,
+            "attempt": self.attempt,
+            "attempt_step": self.attempt_step,
+            "digest": self.digest,
         }
 
     @classmethod
@@ -257,6 +285,8 @@ class ServiceRun:
             run.use_trainer_decisions()
         run.config, run.restorable = info.get("config"), info.get("restorable")
         run.last_rollback = info.get("last_rollback")
+        run.attempt, run.attempt_step = int(info.get("attempt", 1)), info.get("attempt_step")
+        run.digest = info.get("digest")
         run.commands = {c["id"]: c for c in commands}
         for r in recent:  # in arrival order; a step going back drops the abandoned branch
             step = int(r["step"])

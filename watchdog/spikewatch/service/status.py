@@ -35,6 +35,10 @@ class RunStatus:
             ``service`` (a client that only sends records).
         config: the trainer's effective settings, as it reported them (None if not).
         restorable: the steps the trainer said it can restore (its snapshot ring).
+        attempt: 1, then one more each time a new client session starts the run over
+            from an earlier step without a rollback (a reused run id, a restart from an
+            older checkpoint); each attempt has its own detector state.
+        attempt_step: the first step of the current attempt (None before any record).
     """
 
     run: str
@@ -56,6 +60,8 @@ class RunStatus:
     decides: Literal["trainer", "service"] = "service"
     config: dict[str, Any] | None = None
     restorable: list[int] | None = None
+    attempt: int = 1
+    attempt_step: int | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
