@@ -1,92 +1,80 @@
-"""Files of a distributed checkpoint: the checksummed ``guard.json`` and atomic writes."""
+"""Files of a distributed checkpoint: the checksummed ``guard.json`` (which holds the
+manifest of every other file) and reading a small file against its manifest entry."""
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
-import os
 import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from spikewatch_hooks.state.checkpoint import CheckpointError
+from spikewatch_hooks.distributed.manifest import GUARD_FILE
+from spikewatch_hooks.state.checkpoint import CheckpointError, atomic_write, sha256
 
-GUARD_FILE = "guard.json"
-FORMAT = "spikewatch-dcp 1"
+# 2: guard.json holds a manifest (size and SHA-256 of every file); 1 had none.
+FORMAT = "spikewatch-dcp 2"
+_OLDER = "resume from an older checkpoint"
 
 
 def read_header(source: Path) -> dict[str, Any]:
+    """Read and verify ``guard.json``; return its body (guard state, manifest, ...)."""
     path = source / GUARD_FILE
     old = source.with_name(f".{source.name}.old")
     if not path.exists():
         fix = (
             f"an interrupted save left the previous checkpoint in {old}; rename it to {source}"
             if (old / GUARD_FILE).exists()
-            else "the save did not finish or this is not a checkpoint folder; resume from "
-            "an older checkpoint"
+            else f"the save did not finish or this is not a checkpoint folder; {_OLDER}"
         )
         raise CheckpointError(f"{path} is missing: {fix}")
     try:
         wrapper = json.loads(path.read_text())
         body, digest = wrapper["checkpoint"], wrapper["sha256"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(
-            f"{path}: unreadable ({exc}); the file is damaged, resume from an older checkpoint"
-        ) from exc
+        raise CheckpointError(f"{path}: unreadable ({exc}); the file is damaged, {_OLDER}") from exc
     if not isinstance(body, dict) or sha256(canonical(body)) != digest:
         raise CheckpointError(
-            f"{path}: checksum mismatch (edited, truncated or corrupted); "
-            "resume from an older checkpoint"
+            f"{path}: checksum mismatch (edited, truncated or corrupted); {_OLDER}"
         )
     if body.get("format") != FORMAT:
         raise CheckpointError(
             f"{path}: format {body.get('format')!r}, not {FORMAT!r}; resume with the "
             "spikewatch version that wrote it"
         )
+    files = body.get("files")
+    if not isinstance(files, dict) or not {".metadata", "rng-rank0.pt"} <= files.keys():
+        raise CheckpointError(f"{path}: its file manifest is incomplete; {_OLDER}")
     return body
 
 
-def read_verified(path: Path, digest: str | None) -> Any:
+def write_header(staging: Path, body: dict[str, Any]) -> None:
+    """Write ``guard.json`` (``body`` and the SHA-256 of it) atomically into ``staging``."""
+    text = json.dumps({"sha256": sha256(canonical(body)), "checkpoint": body}, indent=1)
+    atomic_write(staging / GUARD_FILE, (text.encode(),))
+
+
+def read_verified(path: Path, entry: dict[str, Any]) -> Any:
+    """``torch.load`` a small file after checking it against its manifest ``entry``
+    again (it is read here anyway; this closes the gap since it was verified)."""
     try:
         data = path.read_bytes()
-        if digest is not None and sha256(data) != digest:
-            raise CheckpointError(f"{path}: checksum mismatch; resume from an older checkpoint")
+        if len(data) != entry["bytes"] or sha256(data) != entry["sha256"]:
+            raise CheckpointError(f"{path}: checksum mismatch (corrupted); {_OLDER}")
         return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
-        raise CheckpointError(
-            f"{path}: unreadable ({exc}); resume from an older checkpoint"
-        ) from exc
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        raise CheckpointError(f"{path}: unreadable ({exc}); {_OLDER}") from exc
 
 
 def torch_bytes(obj: Any) -> bytes:
+    """``obj`` as ``torch.save`` writes it."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return buffer.getvalue()
 
 
 def canonical(body: Any) -> bytes:
+    """``body`` as JSON in one spelling, so its digest does not depend on formatting."""
     return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
