@@ -102,3 +102,11 @@ def test_one_nan_record_is_one_nonfinite_signal(client: TestClient) -> None:
                       kind="nonfinite")  # fmt: skip
     assert exported == 1.0
     assert math.isnan(view["loss"])
+
+
+def test_an_event_that_is_not_a_string_is_422_not_500(client: TestClient) -> None:
+    """Found by the schema fuzz test: ``{"event": {}}`` raised TypeError (unhashable)."""
+    body: dict[str, Any] = {"records": [], "decisions": [], "events": [{"event": {}}]}
+    answer = post(client, f"/v1/runs/{RUN}/records", body)
+    assert answer.status_code == 422
+    assert answer.json()["field"] == "events[0]"

@@ -51,7 +51,7 @@ class CommandIn(BaseModel):
     )
     reason: str = Field(default="operator request", max_length=500)
     rollback_before_step: int | None = Field(
-        default=None, ge=0, le=2**63 - 1, description="rollback: restore at or before this step"
+        default=None, ge=0, le=2**53, description="rollback: restore at or before this step"
     )
     skip_ahead: int = Field(
         default=0, ge=0, le=MAX_SKIP_AHEAD, description="rollback: batches to skip past"

@@ -58,9 +58,12 @@ _INGEST_BODY = {
                         },
                         "description": "what the trainer did about proposals and commands",
                     },
-                    "config": {"type": "object", "description": "the trainer's settings"},
+                    "config": {
+                        "type": ["object", "null"],
+                        "description": "the trainer's settings",
+                    },
                     "restorable": {
-                        "type": "array",
+                        "type": ["array", "null"],
                         "items": {"type": "integer"},
                         "description": "steps the trainer can restore now",
                     },

@@ -74,7 +74,9 @@ def _decision(value: object, path: str) -> Decision:
 
 
 def _event(value: object, i: int) -> dict[str, Any]:
-    if type(value) is not dict or value.get("event") not in EVENTS:
+    event = value.get("event") if isinstance(value, dict) else None
+    if not isinstance(value, dict) or type(event) is not str or event not in EVENTS:
+        # (str first: a dict is unhashable, `in EVENTS` would raise)
         raise _error(
             f"events[{i}]", f"events[{i}] must be an object whose event is one of {sorted(EVENTS)}"
         )
