@@ -269,3 +269,25 @@ def test_the_ranks_split_the_files_to_verify_by_size(saved: Path, world: int) ->
     assert sorted(name for part in shares for name in part) == sorted(files)  # each once
     loads = [sum(files[name]["bytes"] for name in part) for part in shares]
     assert max(loads) - min(loads) <= max(entry["bytes"] for entry in files.values())
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # async: on DCP's thread
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_a_full_disk_at_commit_is_a_checkpoint_error_and_leaves_no_staging(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, async_save: bool
+) -> None:
+    guard = _guard(_model())
+    _train(guard, guard.batches(_loader(0)), 2)
+    save_distributed(guard.engine, tmp_path / "ckpt").result()
+    _train(guard, guard.batches(_loader(0)), 4)
+
+    def full(staging: Path, body: dict[str, Any]) -> None:
+        (staging / "guard.json").write_bytes(b"{")  # the start of it, then no space
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(dcp_checkpoint, "write_header", full)
+    with pytest.raises(CheckpointError, match=r"No space left on device.*free space"):
+        save_distributed(guard.engine, tmp_path / "ckpt", async_save=async_save).result()
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert load_distributed(_guard(_model()).engine, tmp_path / "ckpt")["step"] == 2

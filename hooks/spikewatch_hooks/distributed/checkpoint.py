@@ -121,6 +121,9 @@ def save_distributed(
             return done
         saves.pending = _save_in_background(engine, saves, group, save)
         return saves.pending
+    except OSError as exc:
+        _discard(save)
+        raise _write_error(target, exc) from exc
     except BaseException:
         _discard(save)
         raise
@@ -206,7 +209,7 @@ def _save_in_background(
             finished.set_result(save.target)
         except Exception as exc:  # whatever it is, the waiters must hear of it
             _discard(save)
-            finished.set_exception(exc)
+            finished.set_exception(_write_error(save.target, exc))
 
     uploaded.add_done_callback(finish)
     return finished
@@ -270,6 +273,16 @@ def _forget_state(engine: GuardEngine, fresh: bool) -> None:
     # Drop the zeros again so a save before the first step leaves training as it was.
     if fresh:
         engine.optimizer.state.clear()
+
+
+def _write_error(target: Path, exc: Exception) -> Exception:
+    """An OSError (a full disk, no permission) as a `CheckpointError` with the fix."""
+    if not isinstance(exc, OSError):
+        return exc
+    return CheckpointError(
+        f"{target}: cannot write checkpoint ({exc.strerror or exc}); free space on that "
+        "disk, check its permissions, or pass another folder"
+    )
 
 
 def _raise_for(done: Future[Any], target: Path) -> None:
