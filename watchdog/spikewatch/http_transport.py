@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from spikewatch.errors import bad_value
+from spikewatch.http_queue import SendQueue
 from spikewatch.http_wire import Batch, Connection, Rewind, decision_of, verdict
 from spikewatch.records import Decision, StepRecord
 from spikewatch.validation import check_run_id
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 TOKEN_ENV = "SPIKEWATCH_TOKEN"
 
 
-class HttpTransport:
+class HttpTransport(SendQueue):
     """A `Transport` to a `spikewatch serve` instance.
 
     Args:
@@ -81,38 +82,21 @@ class HttpTransport:
         base = f"{parts.path.rstrip('/')}/v1/runs/{urllib.parse.quote(run, safe='')}"
         self._parts, self._token, self._config_path = parts, token, f"{base}/config"
         self._conn = Connection(parts, path=f"{base}/records", token=token, timeout_s=timeout_s)
-        self.max_queue, self.batch_size = max_queue, batch_size
+        super().__init__(max_queue=max_queue, batch_size=batch_size)
         self.flush_interval_s, self.timeout_s, self.max_backoff_s = (
             flush_interval_s,
             timeout_s,
             max_backoff_s,
         )
         self.client_id = uuid.uuid4().hex[:12]
-        self._queue: deque[StepRecord | Rewind] = deque()
-        self._queued = 0
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
         self._commands: deque[dict[str, Any]] = deque()
         self._seen: set[str] = set()
-        self._acks: list[str] = []
-        self._reports: list[dict[str, Any]] | None = None  # None: the service decides
-        self._events: list[dict[str, Any]] = []
-        #: Ask the service at every flush interval even with nothing to send (a rollback
-        #: waits for an operator's answer, which only comes back in an ingest answer).
-        self.polling = False
-        self._config: dict[str, Any] | None = None  # sent until a batch carrying it lands
-        self._restorable: list[int] | None = None
-        self._seq = 0
         self._threshold = float("inf")
         self._incidents = 0
-        self.sent = self.dropped = self.failures = self.rejected = 0
-        #: The status the service refused this client with (401/403: a wrong token);
-        #: nothing is sent after it, and records are dropped and counted.
-        self.refused: int | None = None
+        self.failures = 0
         self._logged: set[tuple[int, str]] = set()  # rejections already logged
         self._stop = False
         self._stopped = threading.Event()  # wakes the sender out of a backoff pause
-        self._finishing = self._finish_sent = False
         self._thread = threading.Thread(target=self._run, name="spikewatch-http", daemon=True)
         self._thread.start()
         # At exit only deliver: a run that ends by an exception must not look finished.
@@ -151,20 +135,6 @@ class HttpTransport:
             self._reports.extend(d.to_json() for d in decisions)
             self._events.extend(events)
         self._enqueue(records)
-
-    def _enqueue(self, records: Sequence[StepRecord]) -> None:
-        with self._lock:
-            room = 0 if self.refused else max(0, self.max_queue - self._queued)
-            if room < len(records):
-                self.dropped += len(records) - room
-                records = records[:room]
-            self._queue.extend(records)
-            self._queued += len(records)
-            if records:  # records after a finish: the run goes on
-                self._finishing = self._finish_sent = False
-            full = self._queued >= self.batch_size
-        if full:
-            self._wake.set()
 
     def pending_commands(self) -> int:
         """Operator commands that arrived and were not taken yet (no lock: a hint)."""
@@ -295,75 +265,13 @@ class HttpTransport:
             if outcome == "sent":
                 self._commit(batch)
             elif outcome == "refused":
-                self._refuse()
+                self._refuse_all()
                 return
             else:
                 self._drop(batch)
             batch, backoff = None, 0.1
             if self._queued >= self.batch_size:
                 self._wake.set()
-
-    def _next_batch(self) -> Batch | None:
-        with self._lock:
-            acks, self._acks = self._acks, []
-            rewind = len(self._queue) > 1 and isinstance(self._queue[0], Rewind)
-            if rewind:  # only with a record behind it: rewind_to names that record's step
-                self._queue.popleft()
-            records: list[StepRecord] = []
-            for item in self._queue:
-                if isinstance(item, Rewind) or len(records) == self.batch_size:
-                    break
-                records.append(item)
-            if not records and self._queue:
-                rewind = False  # a lone marker waits for the records that follow it
-            finished = self._finishing and not self._finish_sent and len(records) == self._queued
-            reports, events = self._reports, self._events
-            if reports is not None:
-                self._reports = []
-            self._events = []
-            config, restorable = self._config, self._restorable
-        idle = not (records or acks or finished or reports or events)
-        if idle and not (self.polling and reports is not None):
-            self._put_back(reports, events)
-            return None
-        self._seq += 1
-        return Batch(
-            self._seq, records, rewind, acks, finished, reports, events, config, restorable
-        )
-
-    def _put_back(self, reports: list[dict[str, Any]] | None, events: list[dict[str, Any]]) -> None:
-        with self._lock:
-            if reports is not None:
-                self._reports = reports + (self._reports or [])
-            self._events[:0] = events
-
-    def _commit(self, batch: Batch) -> None:
-        """Drop a delivered batch's records from the queue (new ones were appended behind)."""
-        with self._lock:
-            n = len(batch.records)
-            for _ in range(n):
-                item = self._queue.popleft()
-                while isinstance(item, Rewind):  # cannot happen ahead of the batch's records
-                    item = self._queue.popleft()
-            self._queued -= n
-            self.sent += n
-            if batch.finished and self._finishing:
-                self._finish_sent = True
-            if batch.config is not None and self._config is batch.config:
-                self._config = None  # the service has it
-
-    def _drop(self, batch: Batch) -> None:
-        """A batch the service can never take: drop its records, keep its acks, rewind
-        and finish for the next batch (they are not what was wrong with it)."""
-        with self._lock:
-            for _ in range(len(batch.records)):
-                self._queue.popleft()
-            self._queued -= len(batch.records)
-            self.rejected += len(batch.records)
-            if batch.rewind:
-                self._queue.appendleft(Rewind())
-            self._acks[:0] = batch.acks
-        self._put_back(batch.decisions, batch.events)
 
     def _send(self, batch: Batch) -> str:
         """POST one batch: ``sent``, ``rejected`` (never acceptable) or ``retry``."""
@@ -395,13 +303,6 @@ class HttpTransport:
             return outcome
         log.warning("spikewatch: monitor service answered %d (%s); retrying", status, payload)
         return "retry"
-
-    def _refuse(self) -> None:
-        """The service refuses this client for good: drop (and count) what is queued."""
-        with self._lock:
-            self.dropped += self._queued
-            self._queue.clear()
-            self._queued = 0
 
     def _handle(self, payload: Any) -> None:
         """Take a 200 answer: the skip threshold, the incidents, the commands."""

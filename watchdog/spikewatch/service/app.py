@@ -182,7 +182,7 @@ def create_app(service: Service) -> FastAPI:
         "/v1/runs/{run}/config",
         dependencies=[Depends(authorised)],
         summary="The settings a trainer starting this run should use",
-        responses=errors(401, 403, 422),
+        responses=errors(401, 403, 422, 429),
     )
     def run_config(run: RunId) -> Response:
         return _json(service.run_settings(check_run_id(run)))
@@ -201,7 +201,7 @@ def create_app(service: Service) -> FastAPI:
         "/v1/runs/{run}/commands",
         dependencies=[Depends(authorised)],
         summary="An operator's command: halt, resume, rollback, approve or veto a rollback",
-        responses=errors(400, 401, 403, 404, 409, 422, 503),
+        responses=errors(400, 401, 403, 404, 409, 413, 422, 429, 503),
     )
     def command(run: RunId, body: CommandIn) -> Response:
         result = service.operator.apply(check_run_id(run), **body.model_dump())

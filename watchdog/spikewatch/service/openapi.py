@@ -98,7 +98,8 @@ INGEST_OPERATION = {
         "403": {"description": "wrong token"},
         "413": {"description": "the body is too large"},
         "422": {"description": "a field is invalid; the message names it"},
-        "503": {"description": "the event store is unavailable; retry"},
+        "429": {"description": "too many requests with a missing or wrong token"},
+        "503": {"description": "the event store is unavailable, or too many bodies held"},
     },
 }
 
@@ -109,8 +110,10 @@ _MEANING = {
     403: "wrong token",
     404: "no such run or command",
     409: "the command is not in a state that allows this",
+    413: "the body is over the route's size limit (checked before it is read)",
     422: "a field is invalid; the message names it",
-    503: "the event store is unavailable; retry",
+    429: "too many requests with a missing or wrong token; retry after Retry-After",
+    503: "the event store is unavailable, or too many bodies are held at once; retry",
 }
 
 
