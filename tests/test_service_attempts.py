@@ -17,6 +17,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from conftest import falling_curve
+from service_process import TOKEN as PROCESS_TOKEN
+from service_process import ServiceProcess
+from spikewatch.http_transport import HttpTransport
 from spikewatch.monitor import Monitor
 from spikewatch.records import StepRecord
 from spikewatch.service.core import Service
@@ -138,3 +141,25 @@ def test_a_rollback_rewinds_the_detectors_to_exactly_the_trainers_step(
     assert service.registry.runs[RUN].monitor.detector_state() == reference.detector_state()
     view = client.get(f"/v1/runs/{RUN}").json()
     assert (view["attempt"], view["skipped_batches"]) == (1, 150)
+
+
+def test_a_reused_run_id_through_the_real_client_is_a_new_attempt(tmp_path: Path) -> None:
+    """The probe of issue 14 on a real ``spikewatch serve``: 6,000 healthy steps, then a
+    new client with the same run id from step 0 (the landed service commanded a rollback
+    at step 15, "onset at step 0", and counted 6,000 skipped batches)."""
+    with ServiceProcess(tmp_path) as svc:
+        for losses, steps in ((falling_curve(6000, seed=1), 6000),
+                              (falling_curve(1500, seed=2), 1500)):  # fmt: skip
+            t = HttpTransport(svc.url, run=RUN, token=PROCESS_TOKEN, flush_interval_s=0.05)
+            commands = []
+            for start in range(0, steps, 100):
+                batch = [StepRecord(run=RUN, step=s, loss=losses[s], grad_norm=1.0)
+                         for s in range(start, start + 100)]  # fmt: skip
+                commands += t.submit(batch)
+            assert t.flush(timeout=30)
+            commands += t.submit([])
+            t.close(timeout=5)
+            assert (commands, t.failures, t.rejected) == ([], 0, 0)
+        _, view = svc.get(f"/v1/runs/{RUN}")
+    assert (view["attempt"], view["attempt_step"], view["last_step"]) == (2, 0, 1499)
+    assert (view["rollbacks"], view["skipped_batches"], view["commands"]) == (0, 0, [])
