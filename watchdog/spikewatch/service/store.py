@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from spikewatch.service.store_outbox import SqliteOutbox, insert_messages
-from spikewatch.service.store_retention import Pruned, RetentionPolicy, compact, prune
+from spikewatch.service.store_retention import Pruned, RetentionPolicy, retain
 from spikewatch.service.store_rows import incident_of, upsert_command, upsert_incident, write_run
 from spikewatch.service.store_schema import SCHEMA, SCHEMA_VERSION, BatchWrite, StoredRun
 
@@ -289,26 +289,7 @@ class EventStore:
     def retain(self, policy: RetentionPolicy) -> Pruned:
         """Delete what ``policy`` no longer keeps, in small transactions (ingest goes on
         between them), then give the freed pages back and truncate the WAL."""
-        if self.path == ":memory:":
-            return prune(self._tx, self.reading, policy, self.clock())
-        # Each step's pages are checkpointed right after it, on a second connection and
-        # outside the store's lock (a passive checkpoint runs beside writers); otherwise
-        # the WAL fills with retention's pages and the ingest commit that crosses
-        # wal_autocheckpoint pays to copy them all.
-        aside = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-
-        @contextmanager
-        def step(open_step: Callable[[], Any]) -> Iterator[sqlite3.Connection]:
-            with open_step() as db:
-                yield db
-            aside.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-
-        try:
-            pruned = prune(lambda: step(self._tx), lambda: step(self.reading), policy, self.clock())
-            pruned.freed_pages = compact(lambda: step(self.reading))
-        finally:
-            aside.close()
-        return pruned
+        return retain(self.path, self._tx, self.reading, policy, self.clock())
 
     def file_bytes(self) -> int:
         """Size of the database file and its WAL, in bytes (0 in memory)."""

@@ -15,8 +15,8 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -174,3 +174,29 @@ def compact(read: _Tx, *, pages_per_step: int = 256) -> int:
         finally:
             db.execute("PRAGMA busy_timeout=5000")
     return freed
+
+
+def retain(path: str, tx: _Tx, read: _Tx, policy: RetentionPolicy, now: float) -> Pruned:
+    """`prune`, then `compact`, with the WAL checkpointed after every step.
+
+    Each step's pages are checkpointed right after it, on a second connection and
+    outside the store's lock (a passive checkpoint runs beside writers); otherwise the
+    WAL fills with retention's pages and the ingest commit that crosses
+    ``wal_autocheckpoint`` pays to copy them all.
+    """
+    if path == ":memory:":
+        return prune(tx, read, policy, now)
+    aside = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+
+    @contextmanager
+    def step(open_step: _Tx) -> Iterator[sqlite3.Connection]:
+        with open_step() as db:
+            yield db
+        aside.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+    try:
+        pruned = prune(lambda: step(tx), lambda: step(read), policy, now)
+        pruned.freed_pages = compact(lambda: step(read))
+    finally:
+        aside.close()
+    return pruned
