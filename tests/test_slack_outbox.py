@@ -7,6 +7,7 @@ Slack sink on a real slack_sdk WebClient) and the local Slack emulator.
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -155,3 +156,20 @@ def test_memory_outbox_keeps_thread_order_and_retry_delays_grow_to_the_cap() -> 
     assert [r.id for r in box.due(5.0, limit=10)] == [2, 3]
     delays = [retry_delay(n, first_s=1.0, max_s=8.0) for n in range(1, 7)]
     assert [int(d) for d in delays] == [1, 2, 4, 8, 8, 8]
+
+
+def test_a_store_that_is_down_leaves_healthz_and_metrics_answering(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fail(*args: Any) -> Any:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(service.store.outbox, "backlog", fail)
+    monkeypatch.setattr(service.store, "ping", fail)
+    trainer = Trainer(service)
+    health = trainer.client.get("/healthz")
+    assert health.status_code == 503 and health.json()["status"] == "down"
+    assert health.json()["slack"]["outbox_messages"] is None  # unknown, not 0
+    exposition = trainer.client.get("/metrics").text
+    assert metric(exposition, "spikewatch_sink_failures_total", sink="slack") == 0
+    assert "spikewatch_outbox_messages{" not in exposition

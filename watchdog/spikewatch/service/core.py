@@ -90,15 +90,22 @@ class Service:
     def _sink_counts(self) -> dict[str, SinkCounts]:
         if self.slack is None:
             return {}
-        backlog = self.store.outbox.backlog()
-        oldest = backlog.oldest_created
+        messages = age = None
+        try:
+            backlog = self.store.outbox.backlog()
+        except Exception:  # the store is down: /healthz says so; the counters still show
+            backlog = None
+        if backlog is not None:
+            oldest = backlog.oldest_created
+            messages = backlog.messages
+            age = 0.0 if oldest is None else max(0.0, self.clock() - oldest)
         return {
             "slack": SinkCounts(
                 delivered=self.slack.delivered,
                 failures=self.slack.failures + self.registry.notify_failures,
                 dropped=self.slack.dropped,
-                outbox_messages=backlog.messages,
-                outbox_oldest_age_s=0.0 if oldest is None else max(0.0, self.clock() - oldest),
+                outbox_messages=messages,
+                outbox_oldest_age_s=age,
             )
         }
 
