@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -96,13 +96,6 @@ class SqliteOutbox:
                 "SELECT COUNT(*), MIN(created) FROM outbox WHERE sent IS NULL"
             ).fetchone()
         return Backlog(int(count), None if oldest is None else float(oldest))
-
-    def rows(self) -> Iterator[tuple[int, str, str, float | None, int]]:
-        """(id, kind, key, sent, attempts) of every row, oldest first (for tests, debugging)."""
-        with self._read() as db:
-            yield from db.execute(
-                "SELECT id, kind, key, sent, attempts FROM outbox ORDER BY id"
-            ).fetchall()
 
 
 def _row(row: tuple[Any, ...]) -> OutboxRow:
