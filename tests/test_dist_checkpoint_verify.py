@@ -23,9 +23,10 @@ from torch.nn.parallel import DistributedDataParallel
 from spikewatch_hooks.distributed import checkpoint as dcp_checkpoint
 from spikewatch_hooks.distributed import restore
 from spikewatch_hooks.distributed.checkpoint import load_distributed, save_distributed
+from spikewatch_hooks.distributed.files import canonical
 from spikewatch_hooks.distributed.manifest import share
 from spikewatch_hooks.guard import SpikeGuard
-from spikewatch_hooks.state.checkpoint import CheckpointError
+from spikewatch_hooks.state.checkpoint import CheckpointError, sha256
 from test_dist_checkpoint import _flat, _guard, _loader, _model, _train
 
 STEPS = 6
@@ -291,3 +292,27 @@ def test_a_full_disk_at_commit_is_a_checkpoint_error_and_leaves_no_staging(
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     assert load_distributed(_guard(_model()).engine, tmp_path / "ckpt")["step"] == 2
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda files: files.pop(".metadata"), "manifest is incomplete"),
+        (lambda files: files["scheduler.pt"].pop("sha256"), "manifest is malformed"),
+        (lambda files: files.update({"../escape": files["scheduler.pt"]}), "not a file"),
+    ],
+    ids=["incomplete", "malformed", "outside"],
+)
+def test_a_bad_manifest_is_refused_even_with_a_valid_checksum(
+    saved: Path, tmp_path: Path, trained: SpikeGuard, edit: Any, message: str
+) -> None:
+    # guard.json re-checksummed after the edit: what a buggy writer would produce.
+    ckpt = Path(shutil.copytree(saved / "ckpt", tmp_path / "ckpt"))
+    wrapper = json.loads((ckpt / "guard.json").read_text())
+    edit(wrapper["checkpoint"]["files"])
+    wrapper["sha256"] = sha256(canonical(wrapper["checkpoint"]))
+    (ckpt / "guard.json").write_text(json.dumps(wrapper))
+    before = _live(trained)
+    with pytest.raises(CheckpointError, match=message):
+        trained.resume(ckpt)
+    assert _same(_live(trained), before)

@@ -47,7 +47,17 @@ def read_header(source: Path) -> dict[str, Any]:
     files = body.get("files")
     if not isinstance(files, dict) or not {".metadata", "rng-rank0.pt"} <= files.keys():
         raise CheckpointError(f"{path}: its file manifest is incomplete; {_OLDER}")
+    if not all(_is_entry(entry) for entry in files.values()):
+        raise CheckpointError(f"{path}: its file manifest is malformed; {_OLDER}")
     return body
+
+
+def _is_entry(entry: Any) -> bool:
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("bytes"), int)
+        and isinstance(entry.get("sha256"), str)
+    )
 
 
 def write_header(staging: Path, body: dict[str, Any]) -> None:
