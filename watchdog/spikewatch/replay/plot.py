@@ -1,14 +1,16 @@
 """Draw a replayed curve and the events found in it into an image file.
 
-The figure is built on a private `Figure` with an Agg canvas, so plotting never
-touches pyplot's global state or the process-wide matplotlib backend.
+One panel per metric (loss; grad norm on a log scale when it was logged), sharing the
+step axis; each event is marked on the panel of its metric (`plot_marks`), and the
+legend sits outside the data, to the right. The figure is built on a private `Figure`
+with an Agg canvas, so plotting never touches pyplot's global state or the process-wide
+matplotlib backend.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from bisect import bisect_left
 from collections import Counter
 from collections.abc import Sequence
 
@@ -19,16 +21,12 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
+from spikewatch.replay import plot_marks
 from spikewatch.replay.model import Curve, ReplayEvent, ReplayReport
+from spikewatch.replay.plot_marks import ACTION_COLORS, KIND_MARKERS, NAN_COLOR, OTHER_COLOR
 
-#: Event colours by policy action: hotter means a stronger intervention.
-ACTION_COLORS = {
-    "watch": "#e6a100",
-    "skip_step": "#8e44ad",
-    "rollback": "#d62728",
-    "halt": "#111111",
-}
-_OTHER_COLOR = "#7f7f7f"
+__all__ = ["ACTION_COLORS", "plot_report"]
+
 _LOSS_COLOR = "#1f77b4"
 _GRAD_COLOR = "#2ca02c"
 
@@ -44,25 +42,6 @@ def _wants_log(values: Sequence[float]) -> bool:
     return bool(finite) and min(finite) > 0 and max(finite) / min(finite) > 100.0
 
 
-def _draw_loss(ax: Axes, curve: Curve, handles: list[Artist]) -> None:
-    width = 0.6 if len(curve) > 5000 else 1.0
-    (line,) = ax.plot(curve.steps, _finite(curve.loss), lw=width, color=_LOSS_COLOR, label="loss")
-    handles.append(line)
-    bad = [s for s, v in zip(curve.steps, curve.loss, strict=True) if not math.isfinite(v)]
-    if bad:
-        # Non-finite values have no height: mark them along the top edge of the plot.
-        marks = ax.scatter(
-            bad, [0.97] * len(bad), marker="x", s=30, color="#d62728", zorder=4,
-            transform=ax.get_xaxis_transform(), label=f"loss NaN/inf ({len(bad)})",
-        )  # fmt: skip
-        handles.append(marks)
-    if _wants_log(curve.loss):
-        ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.margins(x=0.01)
-
-
 def _logged(curve: Curve) -> tuple[list[int], list[float]]:
     """The steps a grad norm was logged at and its values (a sparse column's gaps dropped,
     so a grad norm logged every 10th step still draws as a line)."""
@@ -72,51 +51,59 @@ def _logged(curve: Curve) -> tuple[list[int], list[float]]:
     return [s for s, _ in pairs], [v for _, v in pairs]
 
 
-def _draw_grad_norm(ax: Axes, curve: Curve, handles: list[Artist]) -> Axes | None:
-    steps, grads = _logged(curve)
-    if not any(math.isfinite(v) for v in grads):
-        return None
-    grad_ax = ax.twinx()
-    (line,) = grad_ax.plot(
-        steps, _finite(grads), lw=0.5, alpha=0.45, color=_GRAD_COLOR, label="grad norm"
-    )
-    handles.append(line)
-    if _wants_log(grads):
-        grad_ax.set_yscale("log")
-    elif min(v for v in grads if math.isfinite(v)) >= 0:
-        grad_ax.set_ylim(bottom=0)  # a zero baseline keeps grad-norm noise from looking huge
-    grad_ax.set_ylabel("grad norm", color=_GRAD_COLOR)
-    # Keep the loss line on top of the grad-norm line, not hidden behind the twin axes.
-    ax.set_zorder(grad_ax.get_zorder() + 1)
-    ax.patch.set_visible(False)
-    return grad_ax
+def _panel(
+    ax: Axes, steps: Sequence[int], values: Sequence[float], *, name: str, color: str, log: bool
+) -> list[Artist]:
+    """Draw one metric's line, its NaN crosses and its axis; return its legend handles."""
+    width = 0.6 if len(steps) > 5000 else 0.9
+    (line,) = ax.plot(steps, _finite(values), lw=width, color=color, label=name, zorder=2)
+    handles: list[Artist] = [line]
+    if log:
+        ax.set_yscale("log")
+    plot_marks.headroom(ax, values, log=log)
+    bad = plot_marks.draw_nonfinite(ax, steps, values)
+    if bad:
+        handles.append(
+            Line2D([], [], marker="X", lw=0, ms=8, color=NAN_COLOR, label=f"{name} NaN/inf ({bad})")
+        )
+    ax.set_ylabel(name + (" (log)" if log else ""), color=color)
+    ax.grid(alpha=0.25, lw=0.5)
+    return handles
 
 
-def _peak_value(steps: Sequence[int], values: Sequence[float] | None, step: int) -> float:
-    if values is None:
-        return math.nan
-    i = bisect_left(steps, step)
-    return values[i] if i < len(steps) and steps[i] == step else math.nan
+def _mark_events(ax: Axes, curve: Curve, events: Sequence[ReplayEvent], metric: str) -> None:
+    """Bands and markers of ``events`` on the panel of ``metric``."""
+    steps, values = _logged(curve) if metric == "grad_norm" else (curve.steps, curve.loss)
+    words = plot_marks.labelled(events)
+    for event in events:
+        plot_marks.draw_band(ax, event, curve.steps[0], curve.steps[-1])
+    for i, event in enumerate(events):
+        y = plot_marks.value_at(steps, values, event.peak_step)
+        plot_marks.draw_marker(ax, event, y, label=i in words)
 
 
-def _draw_event(ax: Axes, grad_ax: Axes | None, curve: Curve, event: ReplayEvent) -> None:
-    color = ACTION_COLORS.get(event.action, _OTHER_COLOR)
-    end = curve.steps[-1] if event.end_step is None else event.end_step
-    # A one-step event on a 20k-step axis would be thinner than a pixel: pad it.
-    pad = max(0.5, 0.002 * (curve.steps[-1] - curve.steps[0]))
-    alpha = 0.1 if event.end_step is None else 0.2  # an open event may cover half the plot
-    ax.axvspan(event.onset_step - pad, end + pad, color=color, alpha=alpha, lw=0, zorder=1)
-    on_grad = event.metric == "grad_norm" and grad_ax is not None
-    target = grad_ax if on_grad and grad_ax is not None else ax
-    steps, series = _logged(curve) if on_grad else (curve.steps, curve.loss)
-    y = _peak_value(steps, series, event.peak_step)
-    if math.isfinite(y):
-        target.plot([event.peak_step], [y], marker="v", ms=8, color=color, mec="black", zorder=5)
-    else:
-        target.plot(
-            [event.peak_step], [0.97], marker="v", ms=8, color=color, mec="black", zorder=5,
-            transform=target.get_xaxis_transform(),
-        )  # fmt: skip
+def _event_handles(events: Sequence[ReplayEvent]) -> list[Artist]:
+    """Legend entries: one colour per action taken, one shape per kind found."""
+    handles: list[Artist] = []
+    for action in sorted({e.action for e in events}):
+        color = ACTION_COLORS.get(action, OTHER_COLOR)
+        handles.append(Patch(facecolor=color, alpha=0.6, label=f"action: {action}"))
+    for kind in sorted({e.kind for e in events}):
+        handles.append(
+            Line2D(
+                [],
+                [],
+                marker=KIND_MARKERS.get(kind, "o"),
+                lw=0,
+                ms=8,
+                color="white",
+                mec="black",
+                label=f"kind: {kind}",
+            )
+        )
+    if not events:
+        handles.append(Line2D([], [], lw=0, label="no events"))
+    return handles
 
 
 def _title(curve: Curve, report: ReplayReport) -> str:
@@ -128,13 +115,46 @@ def _title(curve: Curve, report: ReplayReport) -> str:
     )
 
 
+def build_figure(curve: Curve, report: ReplayReport, *, width: float = 12.0) -> Figure:
+    """The replay chart as a `Figure` (``plot_report`` saves it)."""
+    steps, grads = _logged(curve)
+    has_grad = any(math.isfinite(v) for v in grads)
+    fig = Figure(
+        figsize=(width, width * (0.5 if has_grad else 0.36)), dpi=100, layout="constrained"
+    )
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(
+        2 if has_grad else 1,
+        1,
+        sharex=True,
+        squeeze=False,
+        height_ratios=[3, 2] if has_grad else [1],
+    )[:, 0]
+    handles = _panel(
+        axes[0], curve.steps, curve.loss, name="loss", color=_LOSS_COLOR, log=_wants_log(curve.loss)
+    )
+    panels = {"loss": axes[0]}
+    if has_grad:
+        positive = min(v for v in grads if math.isfinite(v)) > 0
+        handles += _panel(axes[1], steps, grads, name="grad norm", color=_GRAD_COLOR, log=positive)
+        panels["grad_norm"] = axes[1]
+    for metric, ax in panels.items():
+        # An event on a metric without a panel (none today) goes on the loss panel.
+        mine = [e for e in report.events if (e.metric if e.metric in panels else "loss") == metric]
+        _mark_events(ax, curve, mine, metric)
+        ax.margins(x=0.01)
+    axes[-1].set_xlabel("step")
+    axes[0].set_title(_title(curve, report))
+    handles += _event_handles(report.events)
+    fig.legend(handles=handles, loc="outside right upper", fontsize="small", frameon=False)
+    return fig
+
+
 def plot_report(curve: Curve, report: ReplayReport, path: str) -> None:
     """Save a picture of ``curve`` with ``report``'s events to ``path`` (png, svg or pdf).
 
     Each event is shaded from onset to end (to the last step while still open) in its
-    action's colour, with a triangle on its peak; the grad norm, when logged, is drawn
-    against a second y-axis. An axis turns logarithmic when its values span more than
-    two decades, so one huge spike does not flatten the rest of the curve.
+    action's colour, with a marker of its kind on its peak, on the panel of its metric.
 
     Example:
         >>> import pathlib, tempfile
@@ -148,19 +168,4 @@ def plot_report(curve: Curve, report: ReplayReport, path: str) -> None:
         ...     out.read_bytes()[:8]
         b'\\x89PNG\\r\\n\\x1a\\n'
     """
-    fig = Figure(figsize=(12, 5), dpi=110, layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    handles: list[Artist] = []
-    _draw_loss(ax, curve, handles)
-    grad_ax = _draw_grad_norm(ax, curve, handles)
-    for event in report.events:
-        _draw_event(ax, grad_ax, curve, event)
-    for action in sorted({e.action for e in report.events}):
-        color = ACTION_COLORS.get(action, _OTHER_COLOR)
-        handles.append(Patch(facecolor=color, alpha=0.5, label=f"event: {action}"))
-    if not report.events:
-        handles.append(Line2D([], [], lw=0, label="no events"))
-    ax.set_title(_title(curve, report))
-    ax.legend(handles=handles, loc="upper right", fontsize="small", framealpha=0.85)
-    fig.savefig(path)
+    build_figure(curve, report).savefig(path)
