@@ -374,10 +374,15 @@ def test_settings_build_a_working_sink_from_the_environment(emulator: SlackEmula
     assert emulator.calls_to("chat.postMessage")[0].headers["Authorization"] == f"Bearer {TOKEN}"
 
 
-def test_settings_without_secrets_disable_the_sink() -> None:
-    settings = SlackSettings.from_mapping({"channel": "#alerts"}, environ={})
+def test_no_slack_section_and_no_secrets_disable_the_sink() -> None:
+    settings = SlackSettings.from_mapping({}, environ={})
     assert not settings.enabled
     assert SlackSink.from_settings(settings, {}) is None
+
+
+def test_a_slack_section_without_secrets_is_an_error_at_start() -> None:
+    with pytest.raises(ConfigError, match=r"neither \$SLACK_BOT_TOKEN nor \$SLACK_WEBHOOK_URL"):
+        SlackSettings.from_mapping({"channel": "#alerts"}, environ={})
 
 
 def test_settings_with_only_a_webhook_build_a_webhook_sink() -> None:

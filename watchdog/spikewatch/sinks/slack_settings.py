@@ -41,8 +41,12 @@ class SlackSettings:
         enabled: True when `from_mapping` found a token or webhook URL in the environment.
 
     Example:
-        >>> SlackSettings.from_mapping({"channel": "#alerts"}, environ={}).enabled
+        >>> SlackSettings.from_mapping({}, environ={}).enabled   # no [slack]: no Slack
         False
+        >>> SlackSettings.from_mapping({"channel": "#alerts"}, environ={})
+        Traceback (most recent call last):
+        ...
+        spikewatch.errors.ConfigError: [slack] is set (channel='#alerts') but neither ...
         >>> SlackSettings.from_mapping({"chanel": "#alerts"})  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
@@ -96,6 +100,14 @@ class SlackSettings:
                 )
         settings = cls(**data)
         token, webhook_url = read_secrets(settings, environ)
+        if data and not (token or webhook_url):
+            # A [slack] section says the team wants Slack: starting silently without it
+            # would lose every incident message. Fail at start with the fix instead.
+            raise ConfigError(
+                f"[slack] is set (channel={settings.channel!r}) but neither "
+                f"${settings.bot_token_env} nor ${settings.webhook_url_env} is: export one, "
+                "or remove [slack] to run without Slack"
+            )
         return dataclasses.replace(settings, enabled=bool(token or webhook_url))
 
 
