@@ -53,3 +53,13 @@ schema = schemathesis.openapi.from_asgi("/openapi.json", _app())
 )
 def test_no_operation_answers_a_5xx_or_an_undocumented_status(case: object) -> None:
     case.call_and_validate(headers=AUTH, checks=CHECKS)  # type: ignore[attr-defined]
+
+
+@schema.parametrize()  # type: ignore[untyped-decorator]
+@settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck),
+          derandomize=True)  # fmt: skip
+def test_without_a_token_every_answer_is_documented(case: object) -> None:
+    """The limits in front of the routes answer 401 (and 429 past the failure rate)
+    before any body is read: those answers are in the document too."""
+    checks = [not_a_server_error, status_code_conformance, content_type_conformance]
+    case.call_and_validate(checks=checks)  # type: ignore[attr-defined]

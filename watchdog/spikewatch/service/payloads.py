@@ -36,8 +36,10 @@ class IngestBatch:
     Attributes:
         steps, loss, grad_norm, lr: the records' fields, steps strictly increasing.
         seq: the client's batch sequence number (retries of a delivered batch are
-            recognised by it and not ingested twice).
-        client: the client's session id (a restarted trainer starts a new sequence).
+            recognised by it and not ingested twice; without it, a body identical to
+            the run's previous one is the retry: see `attempts`).
+        client: the client's session id (a restarted trainer starts a new sequence; one
+            that starts the run over from an earlier step is a new attempt).
         acks: ids of commands the trainer has applied.
         rewind_to: the trainer rolled back and continues from this step.
         dropped: records the client dropped so far (its queue was full).
