@@ -26,15 +26,24 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="chart of the three runs (default: %(default)s; '' for none)",
     )
     p.add_argument("--steps", type=int, default=600, help="optimizer steps per run")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads (default 0: 1 on up to 2 cores, else half the cores, at most 4)",
+    )
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress on stderr (a bar on a terminal, a line every 10 s otherwise)",
+    )
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo; print a summary (or JSON)."""
     steps = check_int("--steps", args.steps, minimum=100)
-    threads = check_int("--threads", args.threads, minimum=1)
+    threads = check_int("--threads", args.threads, minimum=0)
     try:
         from spikewatch_hooks.demo.run import format_summary, run_demo  # noqa: PLC0415
         from spikewatch_hooks.demo.scenario import DemoSettings  # noqa: PLC0415
