@@ -182,3 +182,24 @@ def test_replay_chart_pixels(tmp_path: Path) -> None:
     assert not _near(pixels, spike_at, NAN_COLOR, radius=2)  # the check can fail
     labels = [str(t.get_text()) for t in [*loss_ax.texts, *grad_ax.texts]]
     assert "NaN @ 150" in labels and "spike 596 → skip_step" in labels
+
+
+def test_demo_chart_without_a_rollback(tmp_path: Path) -> None:
+    runs, s = _demo_runs()
+    runs[2] = RunResult(kind="guarded", final_loss=3.0, steps=runs[1].steps, losses=runs[1].losses)
+    fig = demo_figure(runs, s, width=6.0)
+    _legend_outside(fig)
+    labels = [str(line.get_label()) for line in fig.axes[1].get_lines()]
+    assert "guarded (held-out loss 3.000)" in labels
+    assert not fig.axes[1].texts  # nothing to annotate: no rollback happened
+    assert _render(fig, tmp_path / "demo.png")[0] == (600, 300)
+
+
+def test_replay_chart_of_a_loss_only_curve(tmp_path: Path) -> None:
+    curve, report = _replay_data()
+    curve.grad_norm = None
+    fig = replay_figure(curve, report, width=6.0)
+    _legend_outside(fig)
+    (loss_ax,) = fig.axes  # one panel: the grad-norm event goes on the loss panel
+    assert len(loss_ax.texts) == 3  # the NaN label and both events' labels
+    assert _render(fig, tmp_path / "replay.png")[0] == (600, 216)
