@@ -16,7 +16,7 @@ from service_process import TOKEN, ServiceProcess
 from spikewatch_hooks.guard import SpikeGuard
 
 
-def _wait(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+def _wait(condition: Callable[[], bool], timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
@@ -75,7 +75,7 @@ def test_a_bad_step_is_skipped_on_the_step_itself_in_service_mode(tmp_path: Path
     with ServiceProcess(tmp_path) as svc:
         guard = SpikeGuard(model, opt, run_id="mlp", monitor_url=svc.url, token=TOKEN)
         actions = _train(guard, model, opt, _data(400), poison=poison)
-        guard.close()
+        guard.close(timeout=60)  # a loaded CI host can be slow to take the last batch
         _, run = svc.get("/v1/runs/mlp")
         _, incidents = svc.get("/v1/runs/mlp/incidents")
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
@@ -105,7 +105,7 @@ def test_the_guards_own_margin_wins_and_the_service_sees_the_rollback(tmp_path: 
             snapshot_every=10, keep_snapshots=10,
         )  # fmt: skip
         _train(guard, model, opt, _data(500), poison=_level_shift(250))
-        guard.close()
+        guard.close(timeout=60)  # a loaded CI host can be slow to take the last batch
         _, run = svc.get("/v1/runs/m")
         _, metrics = svc.request("GET", "/metrics", token=None)
     assert guard.stats["rollbacks"] == 1
@@ -124,7 +124,7 @@ def test_without_its_own_settings_the_guard_takes_the_services(tmp_path: Path) -
     with ServiceProcess(tmp_path, config=config) as svc:
         guard = SpikeGuard(model, opt, run_id="s", monitor_url=svc.url, token=TOKEN)
         assert guard.config.policy.margin == 30
-        guard.close()
+        guard.close(timeout=60)  # a loaded CI host can be slow to take the last batch
 
 
 def test_an_unreachable_service_leaves_the_local_settings(caplog: pytest.LogCaptureFixture) -> None:
@@ -166,7 +166,7 @@ def test_manual_approval_waits_for_the_operator(tmp_path: Path, answer: str) -> 
             _wait(lambda: guard.transport.pending_commands() > 0)  # type: ignore[attr-defined]
 
         _train(guard, model, opt, _data(500), poison=_level_shift(250), between=operator)
-        guard.close()
+        guard.close(timeout=60)  # a loaded CI host can be slow to take the last batch
         _, view = svc.get("/v1/runs/a")
     assert answered, "no rollback was proposed"
     statuses = [c["status"] for c in view["commands"]]
@@ -187,7 +187,7 @@ def test_an_operator_rollback_beyond_the_ring_is_refused(tmp_path: Path) -> None
         assert guard.transport.client.flush(timeout=20)  # type: ignore[attr-defined]
         body = {"action": "rollback", "rollback_before_step": 50, "reason": "bad shard"}
         status, answer = svc.post("/v1/runs/o/commands", body)
-        guard.close()
+        guard.close(timeout=60)  # a loaded CI host can be slow to take the last batch
     assert status == 409
     assert "no snapshot at or before step 50" in answer["error"]
     assert guard.stats["rollbacks"] == 0

@@ -18,6 +18,7 @@ from fastapi import Path as FastApiPath
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -132,7 +133,9 @@ def _install_error_handlers(app: FastAPI, service: Service) -> None:
 
 def create_app(service: Service) -> FastAPI:
     """Build the ASGI app around a `Service` (which owns state, store, jobs and sinks)."""
-    app = FastAPI(
+    # /docs and /redoc from the package's own Swagger UI and ReDoc files, not a CDN: a
+    # training cluster is often offline, and a CDN page there is blank.
+    app = FastAPIOffline(
         title="spikewatch", version=__version__, description="Loss-spike watchdog service."
     )
 

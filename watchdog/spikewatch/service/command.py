@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -88,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
     }
     config = dataclasses.replace(config, **overrides)
     token = read_token(args.token_file, os.environ)
+    # The port first: a busy one must fail before anything (the event store) is created.
+    sock = bind(config.host, config.port)
     service = Service.from_config(config, token=token)
     app = create_app(service)
 
@@ -104,5 +107,33 @@ def run(args: argparse.Namespace) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     # No access log: it costs time per request and the hot path is ingest.
-    uvicorn.run(app, host=config.host, port=config.port, access_log=False, log_level="info")
+    server = uvicorn.Server(uvicorn.Config(app, access_log=False, log_level="info"))
+    server.run(sockets=[sock])
     return 0
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port``, or a `ConfigError` saying what to do.
+
+    Example:
+        >>> taken = bind("127.0.0.1", 0)
+        >>> bind("127.0.0.1", taken.getsockname()[1])  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        spikewatch.errors.ConfigError: port ... on 127.0.0.1 cannot be used (...): stop ...
+        >>> taken.close()
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(
+            f"port {port} on {host} cannot be used ({exc.strerror or exc}): stop what holds "
+            "it, or pass another --port (or [service] port)"
+        ) from exc
+    sock.set_inheritable(True)
+    return sock
