@@ -64,3 +64,25 @@ def test_an_unknown_run_is_a_readable_error_and_long_reasons_end_in_an_ellipsis(
     assert all(len(r) <= 60 and not r.endswith(" …") for r in reasons)
     whole = [line for line in wide.stdout.splitlines()[1:] if "level_shift" in line]
     assert whole and not whole[0].endswith("…") and len(whole[0].split("  ")[-1]) > 60
+
+
+def test_an_incident_waiting_on_its_command_does_not_show_closed(tmp_path: Path) -> None:
+    rng = random.Random(1)
+    shifted = [
+        {"step": t, "loss": 3.0 + rng.gauss(0, 0.02) + (1.5 if t >= 300 else 0.0)}
+        for t in range(400)
+    ]
+    with ServiceProcess(tmp_path) as svc:
+        _, answer = svc.post("/v1/runs/gpt/records", {"records": shifted, "seq": 1, "client": "c"})
+        [cmd] = answer["commands"]  # the service decided a rollback; the trainer has not acked
+        waiting = svc.get("/v1/runs/gpt/incidents")[1]["incidents"]
+        table = _cli("--db", str(svc.db))
+        svc.post(
+            "/v1/runs/gpt/records", {"records": [], "acks": [cmd["id"]], "seq": 2, "client": "c"}
+        )
+        applied = svc.get("/v1/runs/gpt/incidents")[1]["incidents"]
+    [rollback] = [i for i in waiting if i["action"] == "rollback"]
+    assert rollback["status"] == "rollback pending" and rollback["command"]["id"] == cmd["id"]
+    assert "rollback pending" in table.stdout
+    [done] = [i for i in applied if i["action"] == "rollback"]
+    assert done["status"] != "rollback pending" and done["command"]["status"] == "applied"

@@ -26,6 +26,7 @@ from starlette.routing import Route
 
 from spikewatch import __version__
 from spikewatch.service.core import Service
+from spikewatch.service.incidents_command import with_commands
 from spikewatch.service.limits import RequestLimits, token_problem
 from spikewatch.service.openapi import INGEST_PATH, build_openapi, errors
 from spikewatch.service.operator import OperatorError
@@ -198,7 +199,8 @@ def create_app(service: Service) -> FastAPI:
     def incidents(run: RunId) -> Response:
         if service.registry.status(check_run_id(run)) is None:
             raise HTTPException(404, f"no run {run!r}: it has sent no records yet")
-        return _json({"incidents": service.store.incidents(run)})
+        incidents = with_commands(service.store.incidents(run), service.store.commands(run))
+        return _json({"incidents": incidents})
 
     @app.post(
         "/v1/runs/{run}/commands",

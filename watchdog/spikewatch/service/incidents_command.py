@@ -50,11 +50,42 @@ def from_store(path: str, run: str | None) -> list[dict[str, Any]]:
         raise SpikewatchError(f"--db {path!r} does not exist: pass the store `serve --db` uses")
     try:
         db = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True)
-        query = "SELECT body FROM incidents" + (" WHERE run = ?" if run else "")
-        rows = db.execute(query + " ORDER BY opened, detected_step", (run,) if run else ())
-        return [json.loads(body) for (body,) in rows]
+        where, params = (" WHERE run = ?", (run,)) if run else ("", ())
+        rows = db.execute(f"SELECT body FROM incidents{where} ORDER BY opened, detected_step",
+                          params)  # fmt: skip
+        incidents = [json.loads(body) for (body,) in rows]
+        commands = [json.loads(b) for (b,) in db.execute(
+            f"SELECT body FROM commands{where} ORDER BY created, id", params)]  # fmt: skip
+        return with_commands(incidents, commands)
     except sqlite3.Error as exc:
         raise SpikewatchError(f"--db {path!r} is not a spikewatch event store ({exc})") from exc
+
+
+def with_commands(
+    incidents: list[dict[str, Any]], commands: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Each incident with its newest command (``command``); an incident whose command the
+    trainer has not applied yet shows that command's status, never ``closed``.
+
+    Example:
+        >>> inc = [{"id": "loss-spike-5", "status": "closed", "action": "rollback"}]
+        >>> cmd = [{"id": "c1", "incident": "loss-spike-5", "action": "rollback",
+        ...         "status": "pending"}]
+        >>> with_commands(inc, cmd)[0]["status"], with_commands(inc, [])[0]["status"]
+        ('rollback pending', 'closed')
+    """
+    newest = {c.get("incident"): c for c in commands if c.get("incident")}
+    out = []
+    for incident in incidents:
+        cmd = newest.get(incident.get("id"))
+        if cmd is None:
+            out.append(incident)
+            continue
+        view = {**incident, "command": {k: cmd.get(k) for k in ("id", "action", "status")}}
+        if cmd.get("status") in ("pending", "proposed"):
+            view["status"] = f"{cmd.get('action')} {cmd.get('status')}"
+        out.append(view)
+    return out
 
 
 def from_service(url: str, run: str | None) -> list[dict[str, Any]]:
