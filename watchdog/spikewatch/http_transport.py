@@ -102,6 +102,12 @@ class HttpTransport(SendQueue):
         # At exit only deliver: a run that ends by an exception must not look finished.
         atexit.register(self._at_exit)
 
+    def __repr__(self) -> str:
+        return (
+            f"HttpTransport(url={self.url!r}, run={self.run!r}, sent={self.sent}, "
+            f"queued={self.queued}, dropped={self.dropped}, failures={self.failures})"
+        )
+
     def __reduce__(self) -> tuple[Any, ...]:
         # A thread and a socket cannot travel to another process (Lightning's ddp_spawn
         # pickles callbacks): say so instead of a pickling error about a lock.

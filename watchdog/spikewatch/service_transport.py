@@ -97,6 +97,8 @@ class ServiceTransport:
         >>> t = ServiceTransport(Monitor(run="r"), client=None)
         >>> [d.action for d in t.submit([StepRecord(run="r", step=0, loss=float("nan"))])]
         ['skip_step']
+        >>> t  # doctest: +ELLIPSIS
+        ServiceTransport(Monitor(run='r', records=1, ...), approval='auto', no client (not rank 0))
     """
 
     def __init__(
@@ -105,6 +107,10 @@ class ServiceTransport:
         self.monitor, self.client = monitor, client
         self.approval = approval or Approval()
         self.failures = 0
+
+    def __repr__(self) -> str:
+        client = "no client (not rank 0)" if self.client is None else repr(self.client)
+        return f"ServiceTransport({self.monitor!r}, approval={self.approval.mode!r}, {client})"
 
     def submit(self, records: Sequence[StepRecord]) -> list[Decision]:
         """Decide on ``records`` here; send them and every decision to the service."""
