@@ -154,9 +154,13 @@ def test_manual_approval_waits_for_the_operator(tmp_path: Path, answer: str) -> 
         answered: list[int] = []
 
         def operator(step: int) -> None:
-            proposal = _proposal(svc, "a") if not answered else None
-            if proposal is None:
+            if answered or guard.engine.approvals.open is None:
                 return
+            # The proposal reaches the service asynchronously: on a loaded host the run
+            # could end before it arrives, so the operator waits for it as a person would.
+            _wait(lambda: _proposal(svc, "a") is not None)
+            proposal = _proposal(svc, "a")
+            assert proposal is not None
             assert guard.stats["rollbacks"] == 0  # nothing applied while it waits
             body = {"action": answer, "command": proposal["id"]}
             assert svc.post("/v1/runs/a/commands", body)[0] == 200
