@@ -17,7 +17,7 @@ import pytest
 collect_ignore = [
     path
     for path, framework in (
-        ("hooks/spikewatch_hooks/adapters/hf.py", "transformers"),
+        ("hooks/spikewatch_hooks/adapters/hf", "transformers"),
         ("hooks/spikewatch_hooks/adapters/lightning.py", "lightning"),
     )
     if importlib.util.find_spec(framework) is None

@@ -18,9 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
 import torch.distributed as dist
 
+from hf_scenario import SCENARIO, guard_for, train
 from spikewatch_hooks.adapters.hf import SpikewatchCallback
 from spikewatch_hooks.demo.corpus import CharCorpus, corpus_text
-from test_hf_callback import SCENARIO, guard_for, train
 
 
 def main() -> None:
@@ -34,7 +34,7 @@ def main() -> None:
             run_id="hf-ddp", config=callback.options.config, snapshot_every=10,
             keep_snapshots=8, monitor_url=url, token=os.environ["SPIKEWATCH_TOKEN"],
         )  # fmt: skip
-    model, _ = train(corpus, out, s, poison=True, callback=callback, ddp_backend="gloo")
+    model, _, _ = train(corpus, out, s, poison=True, callback=callback, ddp_backend="gloo")
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, flat)

@@ -1,8 +1,9 @@
 """`SpikewatchCallback` in a real ``transformers.Trainer``: tiny GPT-2, CPU, no downloads.
 
-The training data is character windows of the demo corpus, read in order
-(``train_sampling_strategy="sequential"``), so batch ``p`` of every run holds the same
-examples and a poisoned range sits at the same data positions in every run.
+The runs (`hf_scenario`) read the data in order, so a poisoned range sits at the same
+optimizer steps in every run. The Trainer logs every 50 steps (the callback gets every
+step's values from the Trainer itself), once without and once with gradient
+accumulation of 4 (a step is then 4 data positions).
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import math
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,55 +25,27 @@ pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 import torch
-from torch.utils.data import Dataset
-from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+from transformers import GPT2LMHeadModel
 
+from hf_scenario import SCENARIO, Scenario, guard_for, held_out_loss, tiny_gpt, train
 from service_process import TOKEN, ServiceProcess
 from spikewatch.errors import ConfigError
 from spikewatch.http_transport import HttpTransport
+from spikewatch.monitor import Monitor
 from spikewatch.policy import PolicyConfig
+from spikewatch.records import StepRecord
 from spikewatch.settings import MonitorConfig
+from spikewatch.transport import EmbeddedTransport
 from spikewatch_hooks.adapters.hf import SpikewatchCallback
 from spikewatch_hooks.demo.corpus import CharCorpus, corpus_text
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class Scenario:
-    """Sizes of one run; the poisoned batches sit ~80 % of the way through."""
-
-    steps: int = 300
-    poison_start: int = 240
-    poison_batches: int = 40
-    spare_batches: int = 150  # data beyond max_steps, for the batches a rollback skips
-    batch_size: int = 16
-    context: int = 32
-    lr: float = 6e-3
-    warmup: int = 20
-    eval_batches: int = 8
-
-
-class Windows(Dataset[dict[str, torch.Tensor]]):
-    """Item ``i``: a seeded window of the text; items of poisoned batches get shifted labels."""
-
-    def __init__(self, tokens: torch.Tensor, vocab: int, s: Scenario, *, poison: bool) -> None:
-        g = torch.Generator().manual_seed(1)
-        n = (s.steps + s.spare_batches) * s.batch_size
-        limit = int(len(tokens) * 0.9) - s.context
-        self.starts = torch.randint(0, limit, (n,), generator=g)
-        self.tokens, self.vocab, self.context = tokens, vocab, s.context
-        lo, hi = s.poison_start * s.batch_size, (s.poison_start + s.poison_batches) * s.batch_size
-        self.poisoned = range(lo, hi) if poison else range(0)
-
-    def __len__(self) -> int:
-        return len(self.starts)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        start = int(self.starts[i])
-        x = self.tokens[start : start + self.context]
-        labels = (x + 7) % self.vocab if i in self.poisoned else x
-        return {"input_ids": x, "labels": labels}
+#: The two ways teams configure the Trainer that the issue names (logging every 50 steps).
+CONFIGS = {
+    "logging_steps=50": SCENARIO,
+    "gradient_accumulation_steps=4": replace(SCENARIO, accumulation=4),
+}
 
 
 @pytest.fixture(scope="module")
@@ -83,128 +56,129 @@ def corpus() -> Iterator[CharCorpus]:
     torch.set_num_threads(threads)
 
 
-def tiny_gpt(vocab: int, context: int) -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    config = GPT2Config(
-        vocab_size=vocab,
-        n_positions=context,
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=None,
-        eos_token_id=None,
-    )
-    return GPT2LMHeadModel(config)
-
-
-def train(
-    corpus: CharCorpus,
-    tmp_path: Path,
-    s: Scenario,
-    *,
-    poison: bool,
-    callback: SpikewatchCallback | None = None,
-    model: GPT2LMHeadModel | None = None,
-    **overrides: Any,
-) -> tuple[GPT2LMHeadModel, Trainer]:
-    """Train one run with a real Trainer; return the model and the trainer."""
-    model = model or tiny_gpt(corpus.vocab_size, s.context)
-    settings: dict[str, Any] = {
-        "output_dir": str(tmp_path),
-        "logging_steps": 1,
-        "report_to": [],
-        "save_strategy": "no",
-        "use_cpu": True,
-        "max_steps": s.steps,
-        "per_device_train_batch_size": s.batch_size,
-        "learning_rate": s.lr,
-        "weight_decay": 0.1,
-        "lr_scheduler_type": "cosine",
-        "warmup_steps": s.warmup,
-        "dataloader_num_workers": 0,
-        "train_sampling_strategy": "sequential",
-        "seed": 0,
-        "disable_tqdm": True,
-    }
-    args = TrainingArguments(**{**settings, **overrides})
-    data = Windows(corpus.tokens, corpus.vocab_size, s, poison=poison)
-    trainer = Trainer(
-        model=model, args=args, train_dataset=data, callbacks=[] if callback is None else [callback]
-    )
-    trainer.train()
-    return model, trainer
-
-
-def held_out_loss(model: GPT2LMHeadModel, corpus: CharCorpus, s: Scenario) -> float:
-    """Mean loss on fixed, clean windows of the last 10 % of the text."""
-    g = torch.Generator().manual_seed(2)
-    low, high = int(len(corpus.tokens) * 0.9), len(corpus.tokens) - s.context
-    starts = torch.randint(low, high, (s.eval_batches * s.batch_size,), generator=g)
-    x = torch.stack([corpus.tokens[int(a) : int(a) + s.context] for a in starts])
-    model.train(False)
-    with torch.no_grad():
-        losses = [float(model(input_ids=b, labels=b).loss) for b in torch.split(x, s.batch_size)]
-    return sum(losses) / len(losses)
-
-
-def guard_for(s: Scenario) -> SpikewatchCallback:
-    policy = PolicyConfig(margin=20, skip_ahead=s.poison_batches)
-    return SpikewatchCallback(
-        run_id="hf-test",
-        config=MonitorConfig(policy=policy),
-        snapshot_every=10,
-        keep_snapshots=8,
-    )
-
-
-SCENARIO = Scenario()
-
-
 @pytest.fixture(scope="module")
-def clean_run(corpus: CharCorpus, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """A healthy run with the callback: the false-alarm check, and the clean reference
-    (a callback that takes no action leaves training bit-identical to a run without it)."""
-    callback = guard_for(SCENARIO)
-    model, trainer = train(
-        corpus, tmp_path_factory.mktemp("clean"), SCENARIO, poison=False, callback=callback
-    )
-    return {
-        "loss": held_out_loss(model, corpus, SCENARIO),
-        "stats": callback.stats,
-        "trainer": trainer,
-    }
+def clean_runs(
+    corpus: CharCorpus, tmp_path_factory: pytest.TempPathFactory
+) -> Callable[[Scenario], dict[str, Any]]:
+    """The healthy twin of a scenario (trained once per module): clean data with the
+    callback (the false-alarm check), and the clean reference (a callback that takes
+    no action leaves training as it was)."""
+    done: dict[Scenario, dict[str, Any]] = {}
+
+    def clean_run(s: Scenario) -> dict[str, Any]:
+        if s not in done:
+            callback = guard_for(s)
+            model, trainer, positions = train(
+                corpus, tmp_path_factory.mktemp("clean"), s, poison=False, callback=callback
+            )
+            done[s] = {
+                "loss": held_out_loss(model, corpus, s),
+                "stats": callback.stats,
+                "trainer": trainer,
+                "positions": positions.positions,
+            }
+        return done[s]
+
+    return clean_run
 
 
+@pytest.mark.parametrize("config", list(CONFIGS))
 def test_poisoned_run_recovers_with_the_callback(
-    corpus: CharCorpus, tmp_path: Path, clean_run: dict[str, Any]
+    corpus: CharCorpus, tmp_path: Path, clean_runs: Callable[[Scenario], Any], config: str
 ) -> None:
-    s = SCENARIO
-    model, _ = train(corpus, tmp_path / "unguarded", s, poison=True)
+    s = CONFIGS[config]
+    model, _, _ = train(corpus, tmp_path / "unguarded", s, poison=True)
     unguarded = held_out_loss(model, corpus, s)
     callback = guard_for(s)
-    model, trainer = train(corpus, tmp_path / "guarded", s, poison=True, callback=callback)
+    model, trainer, computed = train(
+        corpus, tmp_path / "guarded", s, poison=True, callback=callback
+    )
     guarded = held_out_loss(model, corpus, s)
-    clean = clean_run["loss"]
+    clean = clean_runs(s)["loss"]
     log.info("held-out loss: clean %.4f unguarded %.4f guarded %.4f", clean, unguarded, guarded)
-    stats = callback.stats
+    stats, ledger = callback.stats, callback.engine.ledger
     assert unguarded >= 1.2 * clean, (clean, unguarded)
     assert guarded <= 1.05 * clean, (clean, guarded, stats)
     assert stats["rollbacks"] >= 1
     assert not stats["halted"]
-    poisoned = range(s.poison_start, s.poison_start + s.poison_batches)
-    assert all(p in callback.engine.ledger for p in poisoned), stats["skip_ledger"]
+    assert all(p in ledger for p in s.poisoned_positions), stats["skip_ledger"]
+    # skip_ahead counts optimizer steps: a step's worth of positions each.
+    assert len(ledger) >= s.poison_batches * s.accumulation
     # The surviving branch took the full number of updates; the schedule ran to its end.
     assert callback.engine.step_count == callback.engine.scheduler.last_epoch == s.steps
-    assert trainer.state.global_step == s.steps + stats["skipped_batches"]
+    # The data only goes forward, each batch computed at most once. The ledger batches
+    # computed are the ones consumed before the rollback put them there; every ledger
+    # batch still ahead then was dropped before its forward.
+    positions = computed.positions
+    assert positions == sorted(set(positions))
+    assert len(positions) == trainer.state.global_step * s.accumulation
+    seen = set(positions)
+    wasted = [p for p in positions if p in ledger]
+    passed_over = [p for p in range(max(positions)) if p in ledger and p not in seen]
+    assert len(passed_over) >= s.poison_batches * s.accumulation  # skip_ahead, in steps
+    assert max(wasted) < min(passed_over)
+    assert stats["skipped_batches"] == len(wasted) + len(passed_over)
 
 
-def test_healthy_run_takes_no_action(clean_run: dict[str, Any]) -> None:
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_healthy_run_takes_no_action(clean_runs: Callable[[Scenario], Any], config: str) -> None:
+    s = CONFIGS[config]
+    clean_run = clean_runs(s)
     stats = clean_run["stats"]
     assert (stats["rollbacks"], stats["halted"], stats["skipped_steps"]) == (0, False, 0)
-    assert clean_run["trainer"].state.global_step == SCENARIO.steps
+    assert clean_run["trainer"].state.global_step == s.steps
+    assert clean_run["positions"] == list(range(s.steps * s.accumulation))
+
+
+class RecordingTransport(EmbeddedTransport):
+    """The embedded monitor, keeping every record it is handed."""
+
+    def __init__(self, monitor: Monitor) -> None:
+        super().__init__(monitor)
+        self.records: list[StepRecord] = []
+
+    def submit(self, records: Any) -> Any:
+        self.records.extend(records)
+        return super().submit(records)
+
+
+@pytest.mark.parametrize("accumulation", [1, 4])
+def test_every_step_reaches_the_monitor_unrounded(
+    corpus: CharCorpus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, accumulation: int
+) -> None:
+    """At the Trainer's default logging_steps=500, every step's own loss (the mean over
+    its micro-batches' tokens, unrounded) and pre-clip grad norm reach the monitor."""
+    s = Scenario(steps=40, poison_batches=0, spare_batches=0, accumulation=accumulation)
+    transport = RecordingTransport(Monitor(run="hf-values"))
+    callback = SpikewatchCallback(run_id="hf-values", transport=transport)
+    model = tiny_gpt(corpus.vocab_size, s.context)
+    losses: list[float] = []
+    model.register_forward_hook(
+        lambda m, i, out: losses.append(float(out.loss)) if m.training else None
+    )
+    norms: list[float] = []  # the pre-clip norm, as accelerate clips with it
+    clip = torch.nn.utils.clip_grads_with_norm_
+
+    def recording_clip(params: Any, max_norm: float, total_norm: torch.Tensor, *a: Any) -> None:
+        norms.append(float(total_norm))
+        clip(params, max_norm, total_norm, *a)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grads_with_norm_", recording_clip)
+    train(corpus, tmp_path, s, poison=False, callback=callback, model=model,
+          logging_steps=500, max_grad_norm=0.5)  # fmt: skip
+    records = transport.records
+    assert [r.step for r in records] == list(range(s.steps))
+    # The Trainer has the model divide each micro-batch's token losses by the step's
+    # token count (num_items_in_batch): the step's mean loss is their sum.
+    step_losses = torch.tensor(losses).reshape(s.steps, accumulation).sum(dim=1)
+    assert float(step_losses[0]) == pytest.approx(math.log(corpus.vocab_size), rel=0.05)
+    assert [r.loss for r in records] == pytest.approx(step_losses.tolist(), rel=1e-6)
+    assert any(round(r.loss, 4) != r.loss for r in records)  # not the logs' 4 decimals
+    assert [r.grad_norm for r in records] == pytest.approx(norms, rel=1e-6)
+    assert max(norms) > 0.5  # some steps were clipped: the monitor saw the pre-clip norm
+    assert [r.data_position for r in records] == [
+        (k + 1) * accumulation - 1 for k in range(s.steps)
+    ]
 
 
 def scaled_loss_once(model: GPT2LMHeadModel, call: int, factor: float) -> None:
@@ -233,14 +207,15 @@ def test_nonfinite_loss_skips_the_update_in_time(corpus: CharCorpus, tmp_path: P
     assert callback.engine.step_count == s.steps  # a skipped update still counts as a step
 
 
-def test_extreme_grad_norm_is_known_one_step_late(corpus: CharCorpus, tmp_path: Path) -> None:
+def test_extreme_grad_norm_skips_the_update_in_time(corpus: CharCorpus, tmp_path: Path) -> None:
     s = Scenario(steps=80, poison_batches=0, spare_batches=10)
     callback = guard_for(s)
     model = tiny_gpt(corpus.vocab_size, s.context)
     scaled_loss_once(model, call=65, factor=1e4)  # after the detectors' 50-step warm-up
     train(corpus, tmp_path, s, poison=False, callback=callback, model=model)
     stats = callback.stats
-    assert (stats["late_skips"], stats["skipped_steps"], stats["rollbacks"]) == (1, 0, 0)
+    # The Trainer's pre-clip norm reaches the guard before optimizer.step(): no late skip.
+    assert (stats.get("late_skips", 0), stats["skipped_steps"], stats["rollbacks"]) == (0, 1, 0)
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
@@ -252,17 +227,11 @@ def test_halt_stops_training_and_says_why(
         config=MonitorConfig(policy=PolicyConfig(margin=20, max_rollbacks=0)), snapshot_every=10
     )
     with caplog.at_level(logging.ERROR, logger="spikewatch_hooks"):
-        _, trainer = train(corpus, tmp_path, s, poison=True, callback=callback)
+        _, trainer, _ = train(corpus, tmp_path, s, poison=True, callback=callback)
     stats = callback.stats
     assert stats["halted"] and "rollback budget is spent" in stats["halt_reason"]
     assert s.poison_start < trainer.state.global_step < s.steps
     assert stats["halt_reason"] in caplog.text
-
-
-def test_logging_steps_other_than_one_is_a_clear_error(corpus: CharCorpus, tmp_path: Path) -> None:
-    s = Scenario(steps=2, poison_batches=0, spare_batches=0)
-    with pytest.raises(ConfigError, match=r"set logging_steps=1"):
-        train(corpus, tmp_path, s, poison=False, callback=SpikewatchCallback(), logging_steps=5)
 
 
 @pytest.mark.parametrize(
@@ -284,7 +253,7 @@ def test_stats_before_training_say_what_to_do() -> None:
 
 
 def test_poisoned_run_recovers_through_the_monitor_service(
-    corpus: CharCorpus, tmp_path: Path, clean_run: dict[str, Any]
+    corpus: CharCorpus, tmp_path: Path, clean_runs: Callable[[Scenario], Any]
 ) -> None:
     s = SCENARIO
     policy = f"[monitor.policy]\nmargin = 20\nskip_ahead = {s.poison_batches}\n"
@@ -295,10 +264,10 @@ def test_poisoned_run_recovers_through_the_monitor_service(
         callback = SpikewatchCallback(
             run_id="hf-service", snapshot_every=10, keep_snapshots=8, transport=transport
         )
-        model, _ = train(corpus, tmp_path / "guarded", s, poison=True, callback=callback)
+        model, _, _ = train(corpus, tmp_path / "guarded", s, poison=True, callback=callback)
         _, run = svc.get("/v1/runs/hf-service")
     assert callback.stats["rollbacks"] >= 1
-    assert held_out_loss(model, corpus, s) <= 1.05 * clean_run["loss"]
+    assert held_out_loss(model, corpus, s) <= 1.05 * clean_runs(s)["loss"]
     assert run["rollbacks"] >= 1 and run["skipped_batches"] > 0
     assert run["state"] == "finished"  # the callback said so at the end of training
     assert run["records"] >= s.steps
