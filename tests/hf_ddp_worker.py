@@ -26,7 +26,9 @@ from spikewatch_hooks.demo.corpus import CharCorpus, corpus_text
 def main() -> None:
     out, url = Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else None
     torch.set_num_threads(1)
-    s = replace(SCENARIO, steps=160, poison_start=120, poison_batches=20, spare_batches=60)
+    # Two ranks share the data (a rank sees every other batch): one epoch must hold the
+    # 160 steps and the batches a rollback skips, or the poison comes round again.
+    s = replace(SCENARIO, steps=160, poison_start=120, poison_batches=20, spare_batches=320)
     corpus = CharCorpus(corpus_text(200_000))
     callback = guard_for(s)
     if url is not None:  # the same options, reporting to a service (rank 0 only)
