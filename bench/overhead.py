@@ -18,6 +18,8 @@ without a snapshot plus the snapshots spread over all steps:
 Cross-check: the paired gap of whole steps (process CPU time), noisy on a busy host.
 A hot-cache microbenchmark of ``guard.step`` with a no-op optimizer and scheduler
 shows the guard's floor and where the µs go.
+HF ``Trainer``: `overhead_hf` (the callback at ``logging_steps=50`` against a bare
+Trainer) prints its table after these (``--no-hf`` leaves it out).
 Service mode: each measured size again with ``monitor_url=`` a real ``spikewatch serve``
 started by the bench on loopback (the guard's own monitor still decides; the client only
 queues records and decisions for its sender thread); the table's last line is its
@@ -465,10 +467,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (default 1: a shared 2-core host)"
     )
+    parser.add_argument(
+        "--no-hf", action="store_true", help="leave out the HF Trainer table (overhead_hf.py)"
+    )
     args = parser.parse_args(argv)
     sizes = QUICK_SIZES if args.quick else SIZES
     result = benchmark(sizes, args.threads, microbench_steps=500 if args.quick else 3000)
-    print(json.dumps(result, indent=2) if args.json else report_text(result))
+    text = report_text(result)
+    if not args.no_hf:  # the HF callback at logging_steps=50 against a bare Trainer
+        import overhead_hf  # noqa: PLC0415 (transformers only when asked; bench/ is on the path)
+
+        hf_sizes = overhead_hf.SIZES[:1] if args.quick else overhead_hf.SIZES
+        result["hf"] = overhead_hf.benchmark(hf_sizes, 150 if args.quick else 400)
+        text += "\n\n" + overhead_hf.report_text(result["hf"])
+    print(json.dumps(result, indent=2) if args.json else text)
     return 0
 
 

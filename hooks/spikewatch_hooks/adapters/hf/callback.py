@@ -40,11 +40,9 @@ that much short (a warning says so).
 from __future__ import annotations
 
 import logging
-import sys
 from typing import Any, cast
 
 import torch
-from torch import nn
 from transformers import (
     Trainer,
     TrainerCallback,
@@ -53,9 +51,10 @@ from transformers import (
     TrainingArguments,
 )
 
-from spikewatch.errors import SpikewatchError, bad_value
+from spikewatch.errors import SpikewatchError
 from spikewatch.settings import MonitorConfig
 from spikewatch.transport import Transport
+from spikewatch_hooks.adapters.hf.live import calling_trainer, live_objects, loader_length
 from spikewatch_hooks.adapters.hf.resume import (
     STATE_KEY,
     checkpoint_state,
@@ -162,7 +161,7 @@ class SpikewatchCallback(TrainerCallback):
         **kwargs: Any,
     ) -> None:
         """Build the engine on the live objects, tap the Trainer, load a resumed state."""
-        model, optimizer, scheduler = _live_objects(kwargs)
+        model, optimizer, scheduler = live_objects(kwargs)
         # Every rank's loss is its own now (no longer the logged all-rank mean): the
         # ranks gather every few steps and decide alike on the mean.
         lockstep = Lockstep() if Lockstep.active() else None
@@ -173,7 +172,7 @@ class SpikewatchCallback(TrainerCallback):
         if self._taps is not None:
             self._taps.detach()
         self._taps = TrainerTaps(self._engine.ledger)
-        self._taps.attach(self._trainer or _calling_trainer())
+        self._taps.attach(self._trainer or calling_trainer())
         self._target = state.max_steps - state.global_step
         if state.global_step > 0:
             self._resume(args, state, kwargs.get("train_dataloader"))
@@ -184,9 +183,12 @@ class SpikewatchCallback(TrainerCallback):
         """The step's values go to the engine; its verdict is applied before the update."""
         engine, taps = self.engine, self._tapped()
         engine.count("skipped_batches", taps.passed_over)
-        taps.passed_over = 0
+        taps.passed_over, taps.unstepped = 0, False
         self._outcome = "none"
-        if engine.halted or not taps.positions or taps.loss is None:
+        if engine.halted:
+            return
+        if not taps.positions or taps.loss is None:
+            engine.count("unobserved_steps")  # a Trainer subclass bypassed the taps
             return
         decision = engine.observe(taps.loss, taps.grad_norm, data_position=taps.positions[-1])
         self._outcome = engine.apply(decision)
@@ -226,10 +228,11 @@ class SpikewatchCallback(TrainerCallback):
         ledger batches dropped the epoch can end mid-group, and the Trainer would add
         them to the next epoch's first step."""
         taps = self._tapped()
-        if taps.positions and taps.loss is not None and self._accumulation > 1:
+        if taps.unstepped:
             for p in self._params:
                 p.grad = None
             taps.start_step()
+            taps.unstepped = False
         if control.should_save:
             self._save_state(state)
 
@@ -283,7 +286,7 @@ class SpikewatchCallback(TrainerCallback):
     def _resume(self, args: TrainingArguments, state: TrainerState, loader: Any) -> None:
         """Continue the guard where the checkpoint left it (positions, ledger, owed steps)."""
         engine, taps = self.engine, self._tapped()
-        length = _length(loader)
+        length = loader_length(loader)
         start = resumed_position(
             global_step=state.global_step, accumulation=self._accumulation,
             loader_length=length, max_steps=int(args.max_steps),
@@ -304,50 +307,3 @@ class SpikewatchCallback(TrainerCallback):
         # arithmetic: the loader restarts that many batches early; drop them unseen.
         taps.discard = max(int(saved["next_position"]) - start, 0)
         state.max_steps = state.global_step + self._target - engine.step_count
-
-
-def _calling_trainer() -> Trainer:
-    """The Trainer whose ``train()`` is running on this thread (found on the call stack).
-
-    A callback event carries the model and optimizer but not the Trainer, whose per-step
-    loss and grad norm the guard needs; ``on_train_begin`` is called from the Trainer's
-    own training loop, so the Trainer is the ``self`` of a frame above.
-    """
-    frame = sys._getframe(1)
-    while frame is not None:
-        candidate = frame.f_locals.get("self")
-        if isinstance(candidate, Trainer):
-            return candidate
-        frame = frame.f_back  # type: ignore[assignment]
-    raise SpikewatchError(
-        "SpikewatchCallback found no transformers.Trainer calling it: call "
-        "callback.attach(trainer) before trainer.train()"
-    )
-
-
-def _live_objects(kwargs: dict[str, Any]) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
-    """The model, optimizer and scheduler a callback event carries, unwrapped from accelerate."""
-    optimizer, scheduler = kwargs.get("optimizer"), kwargs.get("lr_scheduler")
-    if optimizer is None:
-        raise bad_value(
-            "optimizer",
-            None,
-            "the Trainer passed no optimizer: start training with trainer.train()",
-        )
-    if getattr(optimizer, "scaler", None) is not None:
-        raise bad_value(
-            "fp16", True, "use bf16=True: skipping an update under a GradScaler is not supported"
-        )
-    # accelerate hands over AcceleratedOptimizer / AcceleratedScheduler wrappers; the
-    # snapshots must hold (and restore into) the torch objects inside them.
-    optimizer = getattr(optimizer, "optimizer", optimizer)
-    scheduler = getattr(scheduler, "scheduler", scheduler)
-    model = cast(nn.Module, kwargs.get("model"))  # check_components checks all three
-    return model, optimizer, scheduler
-
-
-def _length(loader: Any) -> int | None:
-    try:
-        return len(loader)
-    except TypeError:  # an IterableDataset's loader has no length
-        return None

@@ -53,6 +53,7 @@ class TrainerTaps:
         self.positions: list[int] = []  # positions of the current step's batches
         self.loss: torch.Tensor | None = None
         self.grad_norm: Number | None = None
+        self.unstepped = False  # micro-batches computed since the last optimizer step
         self.has_grad_norm = True
         self._trainer: Any = None
 
@@ -108,6 +109,7 @@ class TrainerTaps:
             loss = original(*args, **kwargs)
             # One device add per micro-batch (none without accumulation); no host read.
             self.loss = loss if self.loss is None else self.loss + loss
+            self.unstepped = True
             return loss
 
         return training_step
