@@ -13,8 +13,8 @@ it), summed over the run (so the monitor hand-offs every 8 steps and the snapsho
 every 100 are in it) and divided by the steps. The step is the bare runs' median time
 from one ``on_step_begin`` to the next (data, forward, backward, clip, optimizer,
 scheduler, logging). Both are CPU time of the training thread (``time.thread_time_ns``;
-the timers' own cost counts as the callback's). Cross-check: the guarded runs' median step over the bare runs'
-(whole steps, noisy on a busy host).
+the timers' own cost counts as the callback's). Cross-check: the guarded runs' median
+step over the bare runs' (whole steps, noisy on a busy host).
 """
 
 from __future__ import annotations
