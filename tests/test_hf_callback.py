@@ -25,11 +25,19 @@ pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 import torch
-from transformers import GPT2LMHeadModel
+from transformers import GPT2LMHeadModel, TrainerControl, TrainerState
 
-from hf_scenario import SCENARIO, Scenario, guard_for, held_out_loss, tiny_gpt, train
+from hf_scenario import (
+    SCENARIO,
+    Scenario,
+    guard_for,
+    held_out_loss,
+    tiny_gpt,
+    train,
+    trainer_args,
+)
 from service_process import TOKEN, ServiceProcess
-from spikewatch.errors import ConfigError
+from spikewatch.errors import ConfigError, SpikewatchError
 from spikewatch.http_transport import HttpTransport
 from spikewatch.monitor import Monitor
 from spikewatch.policy import PolicyConfig
@@ -293,3 +301,15 @@ def test_multi_process_trainer_reports_once_to_the_service(tmp_path: Path) -> No
     assert run["decides"] == "trainer" and run["state"] == "finished"
     assert run["rollbacks"] == r0["rollbacks"]  # one client (rank 0), counted once
     assert run["last_step"] == r0["step_count"] - 1
+
+
+def test_a_callback_outside_a_trainer_says_how_to_attach(
+    corpus: CharCorpus, tmp_path: Path
+) -> None:
+    model = tiny_gpt(corpus.vocab_size, 8)
+    optimizer = torch.optim.AdamW(model.parameters())
+    args = trainer_args(tmp_path, Scenario(steps=2))
+    with pytest.raises(SpikewatchError, match=r"callback\.attach\(trainer\)"):
+        SpikewatchCallback().on_train_begin(
+            args, TrainerState(), TrainerControl(), model=model, optimizer=optimizer
+        )
