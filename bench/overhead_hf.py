@@ -34,6 +34,7 @@ from torch.utils.data import Dataset
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
+    PrinterCallback,
     Trainer,
     TrainerCallback,
     TrainerControl,
@@ -159,6 +160,7 @@ def run(size: Size, steps: int, *, guarded: bool) -> dict[str, float]:
         )  # fmt: skip
         data = Tokens(steps * size.batch, size)
         trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
+        trainer.remove_callback(PrinterCallback)  # its log lines would mix with the table
         if own is not None:
             own.trainer = trainer
             own.under(trainer)
@@ -233,10 +235,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     parser.add_argument("--quick", action="store_true", help="the small model only, 150 steps")
-    parser.add_argument("--steps", type=int, default=400, help="steps per run (default 400)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="steps per run (default 400; --quick 150)"
+    )
     args = parser.parse_args(argv)
     sizes = SIZES[:1] if args.quick else SIZES
-    result = benchmark(sizes, 150 if args.quick else args.steps)
+    result = benchmark(sizes, args.steps or (150 if args.quick else 400))
     print(json.dumps(result, indent=2) if args.json else report_text(result))
     return 0
 

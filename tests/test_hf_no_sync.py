@@ -8,6 +8,9 @@ runs is the callback's (the Trainer's own reads, e.g. its NaN filter, happen out
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -100,3 +103,19 @@ def test_the_callback_reads_no_step_value_on_the_host(
     assert recording.made == s.steps * (accumulation + 1)  # every step's values went through
     assert guard.engine.step_count == s.steps  # ... and reached the guard
     assert guard_reads == []  # the callback never reads them (the Trainer itself does)
+
+
+def test_overhead_bench_quick_json() -> None:
+    bench = Path(__file__).resolve().parents[1] / "bench" / "overhead_hf.py"
+    done = subprocess.run(
+        [sys.executable, str(bench), "--json", "--quick", "--steps", "24"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    assert set(result["sizes"]) == {"small"} and result["headline"] == "small"
+    assert result["logging_steps"] == 50 and result["steps"] == 24
+    row = result["sizes"]["small"]
+    assert row["bare_step_ms"] > 0 and row["added_us"] > 0
+    assert result["overhead_pct"] == row["overhead_pct"]
+    assert row["overhead_pct"] == pytest.approx(100 * row["added_us"] / 1e3 / row["bare_step_ms"])
