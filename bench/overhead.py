@@ -478,7 +478,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import overhead_hf  # noqa: PLC0415 (transformers only when asked; bench/ is on the path)
 
         hf_sizes = overhead_hf.SIZES[:1] if args.quick else overhead_hf.SIZES
-        result["hf"] = overhead_hf.benchmark(hf_sizes, 150 if args.quick else 400)
+        result["hf"] = overhead_hf.benchmark(hf_sizes, 40 if args.quick else 400)
         text += "\n\n" + overhead_hf.report_text(result["hf"])
     print(json.dumps(result, indent=2) if args.json else text)
     return 0
