@@ -162,7 +162,7 @@ def test_every_step_reaches_the_monitor_unrounded(
     model = tiny_gpt(corpus.vocab_size, s.context)
     losses: list[float] = []
     model.register_forward_hook(
-        lambda m, i, out: losses.append(float(out.loss)) if m.training else None
+        lambda m, i, out: losses.append(float(out.loss.detach())) if m.training else None
     )
     norms: list[float] = []  # the pre-clip norm, as accelerate clips with it
     clip = torch.nn.utils.clip_grads_with_norm_

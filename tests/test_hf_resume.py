@@ -9,6 +9,7 @@ the uninterrupted guarded run ends, without computing any batch of the skip ledg
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -29,6 +30,7 @@ from hf_scenario import SCENARIO, guard_for, held_out_loss, make_trainer, train
 from spikewatch_hooks.adapters.hf.resume import STATE_KEY
 from spikewatch_hooks.demo.corpus import CharCorpus, corpus_text
 
+log = logging.getLogger(__name__)
 WORKER = Path(__file__).with_name("hf_resume_worker.py")
 SAVE_STEPS, KILL_AT = 140, 280  # checkpoints at 140 (before the poison) and 280 (after)
 
@@ -81,6 +83,7 @@ def test_resume_after_rollback_ends_where_the_uninterrupted_run_ends(
     resumed = held_out_loss(model, corpus, s)
 
     stats, ledger = resumed_cb.stats, resumed_cb.engine.ledger
+    log.info("held-out loss: uninterrupted %.4f resumed %.4f", uninterrupted, resumed)
     assert abs(resumed - uninterrupted) <= 0.01 * uninterrupted, (uninterrupted, resumed)
     assert stats["rollbacks"] == 1 and not stats["halted"]  # the counters came back
     assert ledger.ranges() == callback.engine.ledger.ranges()
