@@ -8,8 +8,9 @@ pass over a hundred more batches. When a hook knows the run length (SpikeGuard's
 
 - a setting left at its default **adapts** to the run: one rollback then undoes at most
   about ``share`` of the run, and skips at most ``share`` of it ahead (logged once);
-- a setting the user gave explicitly is kept, and when it is out of proportion the hook
-  **warns** (`RunLengthWarning`) with the numbers and the values to pass instead.
+- a setting the user gave explicitly is kept; when one rollback could undo, or skip
+  ahead, more than twice that share (20 % by default) the hook **warns**
+  (`RunLengthWarning`) with the numbers and the values to pass instead.
 
 Units: every setting here counts optimizer steps (``skip_ahead`` becomes batches with
 the run's batches per optimizer step, see `GuardEngine.batches_per_step`).
@@ -44,7 +45,8 @@ class RunLengthCheck:
         budget: the steps one rollback may undo (and skip ahead): ``share`` of the run.
         margin, skip_ahead, snapshot_every: settings that fit the budget (each at most
             the value checked).
-        problems: one line per setting out of proportion, with the numbers and the fix.
+        problems: one line per setting out of proportion (over twice the budget), with
+            the numbers and the fix.
     """
 
     total_steps: int
@@ -90,14 +92,14 @@ def check_run_length(
     # keep_snapshots snapshots must reach back past the margin plus the detection delay.
     fit_every = min(snapshot_every, max(1, (fit_margin + budget) // max(keep_snapshots, 1)))
     problems = []
-    if margin + snapshot_every > budget:
+    if margin + snapshot_every > 2 * budget:
         back = margin + snapshot_every
         problems.append(
             f"margin={margin} with snapshot_every={snapshot_every} can roll back {back} of "
             f"the run's {total} steps ({min(back, total) / total:.0%}): pass "
             f"margin={fit_margin}, snapshot_every={fit_every}"
         )
-    if skip_ahead > budget:
+    if skip_ahead > 2 * budget:
         problems.append(
             f"skip_ahead={skip_ahead} skips {skip_ahead} of the run's {total} steps of data "
             f"after each rollback ({min(skip_ahead, total) / total:.0%}): pass "
