@@ -46,7 +46,7 @@ def _torch_settings() -> Iterator[None]:
     torch.use_deterministic_algorithms(deterministic)
 
 
-class Killed(RuntimeError):
+class KilledError(RuntimeError):
     """The process died (what the test simulates)."""
 
 
@@ -56,6 +56,7 @@ class SaveThenKill(pl.Callback):
     def __init__(self, guard: SpikewatchCallback, path: Path) -> None:
         self.guard, self.path = guard, path
         self.saved_at: int | None = None
+        self._rolled_at = 0  # the global step at which the first rollback happened
         self.saved_state: dict[str, Any] = {}
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
@@ -64,7 +65,7 @@ class SaveThenKill(pl.Callback):
                 trainer.save_checkpoint(self.path)
                 self.saved_at, self.saved_state = trainer.global_step, self.guard.state_dict()
         elif self.saved_at is not None and trainer.global_step >= self.saved_at + 10:
-            raise Killed("simulated crash after the checkpoint")
+            raise KilledError("simulated crash after the checkpoint")
         if not self.guard.stats["rollbacks"]:
             self._rolled_at = trainer.global_step
 
@@ -103,7 +104,7 @@ def test_resumed_run_ends_like_the_uninterrupted_one(tmp_path: Path, accumulate:
 
     first_guard = guard()
     saver = SaveThenKill(first_guard, tmp_path / "after-rollback.ckpt")
-    with pytest.raises(Killed):
+    with pytest.raises(KilledError):
         fit([first_guard, saver], Numbered(steps=steps, watch=first_guard), accumulate)
     assert saver.saved_at is not None
 

@@ -5,15 +5,12 @@
 
 Event timeline (automatic optimization, one optimizer), as a pseudocode training loop::
 
-    on_fit_start          check the setup: ConfigError, with the fix, on manual optimization
-                          or several lr schedulers
-    on_train_start        fit default settings to the run length (max_steps or
-                          estimated_stepping_batches, `run_length`); build the GuardEngine
-                          from pl_module, trainer.optimizers[0] and
-                          trainer.lr_scheduler_configs[0].scheduler, after Lightning has
-                          restored any checkpoint; snapshot step 0; wrap the training
-                          dataloader (`lightning_data.LedgerLoader`): ledger batches are
-                          left out, never computed
+    on_fit_start          ConfigError, with the fix, on manual optimization or several
+                          lr schedulers
+    on_train_start        (a checkpoint is restored by now) fit default settings to the
+                          run length (`run_length`); build the GuardEngine on pl_module
+                          and the trainer's optimizer and scheduler; snapshot step 0; wrap
+                          the dataloader (`lightning_data`): ledger batches are left out
     for batch in train_dataloader:             # read forward only, never rewound
         on_train_batch_start      position = the batch's position since the run began
         loss = training_step(batch)            # / accumulate_grad_batches (Lightning)
@@ -30,8 +27,7 @@ Event timeline (automatic optimization, one optimizer), as a pseudocode training
             rollback -> model, optimizer, scheduler, RNG restored from the snapshot ring;
                         the batches consumed since, and ``skip_ahead`` more, go to the ledger
             halt     -> trainer.should_stop = True (the reason is logged)
-            ledger   -> the scheduler step Lightning just took is undone (only when
-                        the dataloader could not be wrapped)
+            ledger   -> (dataloader not wrapped) the scheduler step is undone
             else     -> engine.finish_step() (a snapshot every ``snapshot_every`` steps)
             trainer.fit_loop.epoch_loop.max_steps = max_steps + (global_step - step_count)
 
@@ -44,14 +40,12 @@ count, so the run ends after ``max_steps`` useful steps; with ``max_steps=-1`` e
 bound the run: give them headroom.
 
 Units: steps (``step_count``, ``margin``, ``snapshot_every``, ``skip_ahead``) count
-optimizer steps; data positions and ``skipped_batches`` count the batches the
-dataloader yields, so with ``accumulate_grad_batches=4`` a ``skip_ahead`` of 100 steps
-passes over 400 batches.
-
-Settings it needs: a deterministic data order (no shuffling, or a seeded sampler), since
-positions name batches; ``snapshot_every`` well below ``margin``. A mid-epoch resume
-(``trainer.fit(..., ckpt_path=...)``) works with a plain dataloader: Lightning restarts
-its epoch and the callback passes over the batches trained before the checkpoint.
+optimizer steps; data positions and ``skipped_batches`` count dataloader batches (with
+``accumulate_grad_batches=4`` a ``skip_ahead`` of 100 steps passes over 400 batches).
+Settings it needs: a deterministic data order (no shuffling, or a seeded sampler);
+``snapshot_every`` well below ``margin``. A mid-epoch resume (``ckpt_path=``) works with
+a plain dataloader: Lightning restarts the epoch, the callback passes over the batches
+trained before the checkpoint.
 """
 
 from __future__ import annotations
@@ -62,14 +56,18 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.core.optimizer import LightningOptimizer
 
-from spikewatch.errors import bad_value
 from spikewatch.records import Decision
 from spikewatch.settings import MonitorConfig
 from spikewatch.transport import Transport
 from spikewatch_hooks.adapters import lightning_data
 from spikewatch_hooks.adapters.lightning_data import DataPositions
+from spikewatch_hooks.adapters.lightning_setup import (
+    HeldSchedule,
+    check_setup,
+    run_length,
+    unwrap_optimizer,
+)
 from spikewatch_hooks.core.engine import GuardEngine
 from spikewatch_hooks.core.options import GuardOptions
 from spikewatch_hooks.core.run_length import fit_to_run_length
@@ -139,7 +137,7 @@ class SpikewatchCallback(pl.Callback):
         self._loss: torch.Tensor | None = None
         self._mode = "none"  # what on_before_optimizer_step decided for this batch
         self._pending: Decision | None = None
-        self._held_schedule: tuple[dict[str, Any], list[Any]] | None = None
+        self._held_schedule = HeldSchedule()
         self._max_steps = -1
         self._uncounted = 0  # global steps that were not useful steps, over the run
         self._last = (0, 0)  # (global_step, step_count) when last counted
@@ -166,7 +164,7 @@ class SpikewatchCallback(pl.Callback):
     # -- set-up -----------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Fail fast on a setup the callback cannot guard; extend a resumed run's limit."""
-        _check_setup(trainer, pl_module)
+        check_setup(trainer, pl_module)
         # Before Lightning restores global_step and checks max_steps (a resumed run that
         # had undone steps would otherwise stop before on_train_start).
         self._max_steps = trainer.max_steps
@@ -176,11 +174,11 @@ class SpikewatchCallback(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Build the engine on the live objects (a checkpoint is restored by now)."""
-        optimizer = _unwrap(trainer.optimizers[0])
+        optimizer = unwrap_optimizer(trainer.optimizers[0])
         configs = trainer.lr_scheduler_configs
         scheduler = configs[0].scheduler if configs else None
         self.options = fit_to_run_length(
-            self.options, _run_length(trainer), snapshot_given=self._snapshot_given
+            self.options, run_length(trainer), snapshot_given=self._snapshot_given
         )
         self.config = self.options.config
         # Under DDP each rank sees its own loss: decide on the all-gathered values.
@@ -223,10 +221,8 @@ class SpikewatchCallback(pl.Callback):
         if self._mode in ("halted", "ledger", "skip", "act"):
             for p in params:
                 p.grad = None
-        configs = trainer.lr_scheduler_configs
-        if self._mode == "ledger" and configs and configs[0].interval == "step":
-            lrs = [group["lr"] for group in engine.optimizer.param_groups]
-            self._held_schedule = (copy.deepcopy(configs[0].scheduler.state_dict()), lrs)
+        if self._mode == "ledger":
+            self._held_schedule.hold(trainer, engine.optimizer)
 
     def on_train_batch_end(
         self,
@@ -246,7 +242,7 @@ class SpikewatchCallback(pl.Callback):
         elif mode == "halted":
             self._stop(trainer, engine)
         elif mode == "ledger":
-            self._release_schedule(engine)
+            self._held_schedule.release(engine)
             engine.count("skipped_batches")
         elif mode in ("step", "skip", "idle"):
             engine.position = self._position
@@ -302,15 +298,6 @@ class SpikewatchCallback(pl.Callback):
         if self._max_steps >= 0:
             trainer.fit_loop.epoch_loop.max_steps = self._max_steps + self._uncounted
 
-    def _release_schedule(self, engine: GuardEngine) -> None:
-        if self._held_schedule is None or engine.scheduler is None:
-            return
-        state, lrs = self._held_schedule
-        self._held_schedule = None
-        engine.scheduler.load_state_dict(state)
-        for group, lr in zip(engine.optimizer.param_groups, lrs, strict=True):
-            group["lr"] = lr
-
     def _stop(self, trainer: pl.Trainer, engine: GuardEngine) -> None:
         if not trainer.should_stop:  # the engine has logged the reason and what to try
             log.error("spikewatch stops the Lightning trainer: %s", engine.halt_reason)
@@ -329,38 +316,3 @@ class SpikewatchCallback(pl.Callback):
                 "pass the callback to L.Trainer(callbacks=[...]) and call trainer.fit"
             )
         return self.engine
-
-
-def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
-    inner: torch.optim.Optimizer = (
-        optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
-    )
-    return inner
-
-
-def _check_setup(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-    """Raise `ConfigError` naming the setting and the fix for what the callback cannot guard."""
-    if not pl_module.automatic_optimization:
-        raise bad_value(
-            "automatic_optimization",
-            False,
-            "SpikewatchCallback needs automatic optimization; with manual optimization "
-            "call spikewatch_hooks.SpikeGuard.step() inside training_step instead",
-        )
-    # Lightning itself allows one optimizer only with automatic optimization.
-    if len(trainer.lr_scheduler_configs) > 1:
-        raise bad_value(
-            "configure_optimizers",
-            f"{len(trainer.lr_scheduler_configs)} lr schedulers",
-            "return at most one lr scheduler (chain them with torch SequentialLR)",
-        )
-
-
-def _run_length(trainer: pl.Trainer) -> float | None:
-    """The run's optimizer steps, when Lightning knows them (else None)."""
-    if trainer.max_steps >= 0:
-        return float(trainer.max_steps)
-    try:
-        return float(trainer.estimated_stepping_batches)
-    except Exception:
-        return None
