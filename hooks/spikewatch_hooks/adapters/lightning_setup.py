@@ -40,13 +40,12 @@ def check_setup(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
 
 
 def run_length(trainer: pl.Trainer) -> float | None:
-    """The run's optimizer steps, when Lightning knows them (else None)."""
-    if trainer.max_steps >= 0:
-        return float(trainer.max_steps)
+    """The run's optimizer steps, when Lightning knows them (else None): the smaller of
+    ``max_steps`` and the epochs' batches over ``accumulate_grad_batches``."""
     try:
         return float(trainer.estimated_stepping_batches)
     except Exception:  # an estimate only: a length Lightning cannot tell is unknown
-        return None
+        return float(trainer.max_steps) if trainer.max_steps >= 0 else None
 
 
 class HeldSchedule:
