@@ -6,7 +6,10 @@ costs its loading, not a forward and backward. Lightning offers no public hook t
 filter training batches (returning -1 from ``on_train_batch_start`` ends the epoch), so
 the callback replaces the iterable of the fit loop's ``CombinedLoader`` (its public
 ``flattened`` setter) and restarts the fit loop's data fetcher on it; a Lightning whose
-fit loop lacks those falls back to dropping the update of a ledger batch (computed).
+fit loop lacks those (or has several training dataloaders) falls back to dropping the
+update of a ledger batch, which is then computed. With an unsized dataloader Lightning
+fetches one batch ahead: the one batch fetched when a rollback fills the ledger is
+computed and its update dropped the same way.
 
 Positions count every batch the dataloader yields since the run began, across epochs.
 On a resume from a mid-epoch checkpoint a plain dataloader starts its epoch again from
