@@ -66,17 +66,9 @@ class SpikeGuard:
             it warn (`run_length.fit_to_run_length`).
 
     Units: ``step_count``, ``margin``, ``snapshot_every`` and ``skip_ahead`` count
-    optimizer steps; data positions and ``skipped_batches`` count the batches the
-    loader yields. With accumulation, call `step` once per optimizer step::
-
-        for i, batch in enumerate(guard.batches(loader)):
-            (model(batch).loss / 4).backward()
-            if (i + 1) % 4 == 0:
-                guard.step(loss=summed_loss, grad_norm=clip_grad_norm_(params, 1.0))
-
-    Under accelerate's ``accumulate()``, a `step` on a micro-batch that does not sync
-    gradients (``accelerator.sync_gradients`` False) is not an optimizer step: it returns
-    None and does nothing.
+    optimizer steps; data positions and ``skipped_batches`` count loader batches. With
+    gradient accumulation call `step` once per optimizer step (README, "Units"); under
+    accelerate's ``accumulate()`` a `step` while ``sync_gradients`` is False does nothing.
 
     Example:
         >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
