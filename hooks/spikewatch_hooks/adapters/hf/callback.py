@@ -169,6 +169,8 @@ class SpikewatchCallback(TrainerCallback):
         self._engine.reporting = state.is_world_process_zero
         self._params = [p for g in optimizer.param_groups for p in g["params"]]
         self._accumulation = max(int(args.gradient_accumulation_steps), 1)
+        # skip_ahead counts optimizer steps; the ledger counts loader batches.
+        self._engine.batches_per_step = self._accumulation
         if self._taps is not None:
             self._taps.detach()
         self._taps = TrainerTaps(self._engine.ledger)
@@ -199,7 +201,7 @@ class SpikewatchCallback(TrainerCallback):
         if self._outcome == "skip":
             engine.count("skipped_steps")
         elif self._outcome == "rollback":
-            self._after_rollback(decision.skip_ahead if decision else 0, state)
+            self._after_rollback(state)
         else:  # halt
             control.should_training_stop = True
 
@@ -259,15 +261,9 @@ class SpikewatchCallback(TrainerCallback):
             raise SpikewatchError("SpikewatchCallback has not started: call trainer.train()")
         return self._taps
 
-    def _after_rollback(self, skip_ahead: int, state: TrainerState) -> None:
+    def _after_rollback(self, state: TrainerState) -> None:
         """Finish a rollback decided before this step's update (which will not happen)."""
         engine = self.engine
-        if self._accumulation > 1 and skip_ahead > 0:
-            # The engine skips ``skip_ahead`` positions ahead; a step here is
-            # ``gradient_accumulation_steps`` of them.
-            ahead = engine.position + 1 + skip_ahead
-            engine.ledger.add(ahead, ahead + skip_ahead * (self._accumulation - 1),
-                              reason=f"rollback at step {engine.step_count} (ahead)")  # fmt: skip
         scheduler = engine.scheduler
         if scheduler is not None:  # the Trainer will step it once more: undo that
             lrs = [float(g["lr"]) for g in engine.optimizer.param_groups]
