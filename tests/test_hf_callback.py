@@ -38,6 +38,7 @@ from hf_scenario import (
 )
 from service_process import TOKEN, ServiceProcess
 from spikewatch.errors import ConfigError, SpikewatchError
+from spikewatch_hooks.core.run_length import RunLengthWarning
 from spikewatch.http_transport import HttpTransport
 from spikewatch.monitor import Monitor
 from spikewatch.policy import PolicyConfig
@@ -313,3 +314,27 @@ def test_a_callback_outside_a_trainer_says_how_to_attach(
         SpikewatchCallback().on_train_begin(
             args, TrainerState(), TrainerControl(), model=model, optimizer=optimizer
         )
+
+
+def test_defaults_fit_a_short_run(
+    corpus: CharCorpus, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    s = Scenario(steps=60, poison_batches=0, spare_batches=10)
+    callback = SpikewatchCallback(run_id="short")  # every rollback setting at its default
+    with caplog.at_level(logging.WARNING, logger="spikewatch_hooks"):
+        train(corpus, tmp_path, s, poison=False, callback=callback)
+    policy = callback.options.config.policy
+    # One rollback undoes at most ~10 % of the 60-step run (not 100 + 100 steps of it).
+    assert (policy.margin, policy.skip_ahead, callback.options.snapshot_every) == (3, 6, 2)
+    assert "a 60-step run: margin 3, skip_ahead 6, snapshot_every 2" in caplog.text
+    assert callback.engine.snapshot_every == 2
+
+
+def test_explicit_settings_out_of_proportion_warn_at_train_start(
+    corpus: CharCorpus, tmp_path: Path
+) -> None:
+    s = Scenario(steps=60, poison_batches=0, spare_batches=10)
+    callback = SpikewatchCallback(run_id="short", margin=100, snapshot_every=100)
+    with pytest.warns(RunLengthWarning, match="margin=100 with snapshot_every=100 can roll back"):
+        train(corpus, tmp_path, s, poison=False, callback=callback)
+    assert callback.options.config.policy.margin == 100  # kept: the user chose it

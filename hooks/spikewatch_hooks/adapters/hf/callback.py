@@ -64,6 +64,7 @@ from spikewatch_hooks.adapters.hf.resume import (
 from spikewatch_hooks.adapters.hf.taps import TrainerTaps
 from spikewatch_hooks.core.engine import GuardEngine
 from spikewatch_hooks.core.options import GuardOptions
+from spikewatch_hooks.core.run_length import fit_to_run_length
 from spikewatch_hooks.distributed.lockstep import Lockstep
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,9 @@ class SpikewatchCallback(TrainerCallback):
     Args:
         run_id: the run's name in incidents and metrics.
         config: detection and policy settings (`MonitorConfig`).
-        snapshot_every: take an in-memory snapshot every this many optimizer steps.
+        snapshot_every: take an in-memory snapshot every this many optimizer steps
+            (default 100; with ``margin`` and ``skip_ahead`` left at their defaults it is
+            fitted to ``max_steps`` at train start, see `run_length.fit_to_run_length`).
         keep_snapshots: how many snapshots the ring holds (one CPU copy of model and
             optimizer state each).
         margin: shortcut for ``config.policy.margin`` (roll back at least this many
@@ -99,7 +102,7 @@ class SpikewatchCallback(TrainerCallback):
         *,
         run_id: str = "run",
         config: MonitorConfig | None = None,
-        snapshot_every: int = 100,
+        snapshot_every: int | None = None,
         keep_snapshots: int = 4,
         margin: int | None = None,
         transport: Transport | None = None,
@@ -109,7 +112,7 @@ class SpikewatchCallback(TrainerCallback):
         self.options = GuardOptions.build(
             run_id=run_id,
             config=config,
-            snapshot_every=snapshot_every,
+            snapshot_every=100 if snapshot_every is None else snapshot_every,
             keep_snapshots=keep_snapshots,
             margin=margin,
             transport=transport,
@@ -117,6 +120,7 @@ class SpikewatchCallback(TrainerCallback):
             token=token,
         )
         self.run_id, self.config = run_id, self.options.config
+        self._snapshot_given = snapshot_every is not None
         self._engine: GuardEngine | None = None
         self._taps: TrainerTaps | None = None
         self._trainer: Trainer | None = None
@@ -165,6 +169,12 @@ class SpikewatchCallback(TrainerCallback):
         # Every rank's loss is its own now (no longer the logged all-rank mean): the
         # ranks gather every few steps and decide alike on the mean.
         lockstep = Lockstep() if Lockstep.active() else None
+        # The Trainer knows the run length: defaults that would undo a large share of a
+        # short run adapt to it, explicit ones out of proportion warn (core/run_length).
+        self.options = fit_to_run_length(
+            self.options, state.max_steps, snapshot_given=self._snapshot_given
+        )
+        self.config = self.options.config
         self._engine = self.options.engine(model, optimizer, scheduler, lockstep=lockstep)
         self._engine.reporting = state.is_world_process_zero
         self._params = [p for g in optimizer.param_groups for p in g["params"]]
