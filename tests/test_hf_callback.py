@@ -38,7 +38,6 @@ from hf_scenario import (
 )
 from service_process import TOKEN, ServiceProcess
 from spikewatch.errors import ConfigError, SpikewatchError
-from spikewatch_hooks.core.run_length import RunLengthWarning
 from spikewatch.http_transport import HttpTransport
 from spikewatch.monitor import Monitor
 from spikewatch.policy import PolicyConfig
@@ -46,6 +45,7 @@ from spikewatch.records import StepRecord
 from spikewatch.settings import MonitorConfig
 from spikewatch.transport import EmbeddedTransport
 from spikewatch_hooks.adapters.hf import SpikewatchCallback
+from spikewatch_hooks.core.run_length import RunLengthWarning
 from spikewatch_hooks.demo.corpus import CharCorpus, corpus_text
 
 log = logging.getLogger(__name__)
