@@ -55,6 +55,20 @@ class SpikeGuard:
             before the onset).
         distributed: decide in lockstep across the ranks of ``torch.distributed`` (one
             small all-gather per step); None: whenever a process group of > 1 rank exists.
+        snapshot_split: keep only this rank's 1/world_size of each snapshot of
+            replicated state and gather the rest on a rollback (one collective per
+            dtype). None (default): when the model is ``DistributedDataParallel`` in a
+            group of > 1 rank; False: a full copy on every rank (restore without a
+            collective); True: split in any group of > 1 rank with replicated state.
+            FSDP2 models keep their own shards either way.
+        snapshot_budget_bytes: cap on this rank's snapshot host memory
+            (``stats["snapshot_bytes"]`` reports it). Too small for one snapshot: a
+            ConfigError at construction with the numbers; room for fewer than
+            ``keep_snapshots``: the ring keeps as many as fit and logs it.
+        snapshot_frozen: also snapshot parameters no optimizer updates. By default
+            only what can change is copied: trained parameters, buffers (BatchNorm
+            statistics) and optimizer state; frozen weights are not, so code that edits
+            them by hand should pass True (or put them in a param group with lr=0).
 
     Example:
         >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
@@ -96,6 +110,9 @@ class SpikeGuard:
         checkpoint_every: int = 0,
         margin: int | None = None,
         distributed: bool | None = None,
+        snapshot_split: bool | None = None,
+        snapshot_budget_bytes: int | None = None,
+        snapshot_frozen: bool = False,
     ) -> None:
         check_components(
             model=model,
@@ -118,6 +135,9 @@ class SpikeGuard:
             transport=transport,
             monitor_url=monitor_url,
             token=token,
+            snapshot_split=snapshot_split,
+            snapshot_budget_bytes=snapshot_budget_bytes,
+            snapshot_frozen=snapshot_frozen,
         )
         self.run_id = run_id
         # Built before init_process_group (distributed=None): join the lockstep at the
