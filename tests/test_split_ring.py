@@ -55,7 +55,7 @@ def _same_on_every_rank(flat: torch.Tensor) -> bool:
 def _train(model: torch.nn.Module, opt: torch.optim.Optimizer, positions: range, rank: int) -> None:
     for position in positions:
         x, y = _shard(position, rank)
-        torch.nn.functional.mse_loss(model(x), y).backward()
+        torch.nn.functional.mse_loss(model(x), y).backward()  # type: ignore[no-untyped-call]
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -94,7 +94,7 @@ def _guarded(rank: int, split: bool | None) -> dict[str, Any]:
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]] = (_shard(p, rank) for p in range(10_000))
     for x, y in guard.batches(batches):
         loss = torch.nn.functional.mse_loss(model(x), y)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         guard.step(loss=loss, grad_norm=grad_norm)
         opt.zero_grad(set_to_none=True)
