@@ -21,6 +21,7 @@ from spikewatch.transport import Transport
 from spikewatch_hooks.core.approval import Approvals
 from spikewatch_hooks.core.commands import CommandDesk
 from spikewatch_hooks.core.values import Number, ValuePipe
+from spikewatch_hooks.distributed.local_values import plain_value
 from spikewatch_hooks.distributed.lockstep import Lockstep
 from spikewatch_hooks.state.ledger import SkipLedger
 from spikewatch_hooks.state.rng import rng_state, set_rng_state
@@ -100,6 +101,7 @@ class GuardEngine:
         """Queue this step's values, feed what is ready to the monitor, return a decision."""
         if self.halted:
             return None
+        loss, grad_norm = plain_value(loss), plain_value(grad_norm)  # FSDP2: DTensor norms
         if self._adopt_lockstep:
             self._join_lockstep()
         if data_position is not None:
