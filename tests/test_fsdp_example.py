@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 
+from conftest import REPO
+
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 SAVE_AT = 140  # after the rollback (at ~step 127): the ledger holds the bad range
 
@@ -33,9 +35,9 @@ def _torchrun(repo: Path, ranks: int, *args: str) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def run(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
     folder = tmp_path_factory.mktemp("fsdp-example") / "ckpt"
-    return _torchrun(repo, 2, "--save-at", str(SAVE_AT), "--checkpoint", str(folder)), folder
+    return _torchrun(REPO, 2, "--save-at", str(SAVE_AT), "--checkpoint", str(folder)), folder
 
 
 def _in_ledger(positions: list[int], ledger: list[list[int]]) -> list[int]:

@@ -44,6 +44,8 @@ class HostStore:
             dtype: torch.empty(n, dtype=dtype, device="cpu", pin_memory=pinned[dtype])
             for dtype, n in sizes.items()
         }
+        # Views made once: making one costs more than copying a small tensor.
+        self._views = [(e, self.view(e, d, o)) for e, d, o in self._where]
 
     @property
     def nbytes(self) -> int:
@@ -61,25 +63,25 @@ class HostStore:
 
     def model(self) -> dict[str, torch.Tensor]:
         """The host copies of the model's entries, by tensor name."""
-        return {e.key[1]: self.view(e, d, o) for e, d, o in self._where if e.key[0] == "model"}
+        return {e.key[1]: v for e, v in self._views if e.key[0] == "model"}
 
     def host(self, key: Key) -> torch.Tensor:
         """The host copy of the entry ``key``."""
-        for e, dtype, offset in self._where:
+        for e, v in self._views:
             if e.key == key:
-                return self.view(e, dtype, offset)
+                return v
         raise KeyError(key)
 
     def copy_from(self, live: Mapping[Key, torch.Tensor]) -> None:
         """Copy every entry's live local tensor into its buffer (asynchronous from a GPU)."""
         with torch.no_grad():
-            for e, dtype, offset in self._where:
+            for e, v in self._views:
                 src = local(live[e.key])
-                self.view(e, dtype, offset).copy_(src, non_blocking=src.is_cuda)
+                v.copy_(src, non_blocking=src.is_cuda)
 
     def copy_to(self, targets: Mapping[Key, torch.Tensor]) -> None:
         """Copy every buffer back into ``targets`` (local tensors), in place."""
         with torch.no_grad():
-            for e, dtype, offset in self._where:
+            for e, v in self._views:
                 dst = targets[e.key]
-                dst.copy_(self.view(e, dtype, offset), non_blocking=dst.is_cuda)
+                dst.copy_(v, non_blocking=dst.is_cuda)

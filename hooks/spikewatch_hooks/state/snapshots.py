@@ -120,7 +120,9 @@ class SnapshotRing:
         self.schedulers = _as_list(scheduler)
         self.extras = dict(extras or {})
         self.live = LiveState(model, self.optimizers, include_frozen=include_frozen)
-        layout = plan(self.live.tensors())  # refuses what it cannot copy, now
+        tensors = self.live.tensors()
+        layout = plan(tensors)  # refuses what it cannot copy, now
+        self._planned = (_identity(tensors), layout)
         self.split = wants_split(split, model, layout, group)
         self.group, self.budget_bytes = group, budget_bytes
         if self.split:
@@ -165,7 +167,7 @@ class SnapshotRing:
     def take(self, step: int, data_position: int, extra: dict[str, Any] | None = None) -> Snapshot:
         """Copy the current state into a (reused) slot and return it."""
         tensors = self.live.tensors()
-        layout = plan(tensors)
+        layout = self._layout(tensors)
         snap = self._free_slot(layout)
         if any(s is snap for s in self._slots):
             return snap  # a ring of one, pinned: nothing may be overwritten
@@ -219,6 +221,14 @@ class SnapshotRing:
         self._spare.extend(newer)
 
     # -- helpers ------------------------------------------------------------------------
+    def _layout(self, tensors: dict[Key, torch.Tensor]) -> Layout:
+        """The layout of ``tensors``, planned again only when they are other tensors
+        (optimizer state appeared, a checkpoint was loaded): planning costs ~10 us each."""
+        identity = _identity(tensors)
+        if self._planned[0] != identity:
+            self._planned = (identity, plan(tensors))
+        return self._planned[1]
+
     def _slot_bytes(self, layout: Layout) -> int:
         whole, parts = split_entries(layout, self.split)
         world = dist.get_world_size(self.group) if self.split else 1
@@ -280,7 +290,8 @@ class SnapshotRing:
         for e in snap.layout.entries:
             if e.key[0] == "optim":
                 wanted.setdefault((e.key[1], e.key[2]), {})[e.key[3]] = e
-        targets = {k: local(t) for k, t in self.live.model_tensors().items()}
+        model = self.live.model_tensors()
+        targets = {e.key: local(model[e.key]) for e in snap.layout.entries if e.key[0] == "model"}
         for i, opt in enumerate(self.optimizers):
             for j, p in enumerate(self.live.params(i)):
                 saved = snap.optimizer_state[i][j]
@@ -297,6 +308,12 @@ class SnapshotRing:
                         state[key] = now = blank(e)
                     targets[e.key] = local(now)
         return targets
+
+
+def _identity(tensors: dict[Key, torch.Tensor]) -> tuple[Any, ...]:
+    # The same tensor objects with the same shapes need no new plan (``p.data = ...``
+    # keeps the object but may change the shape, so the shape is part of it).
+    return tuple((key, id(t), t.shape, t.dtype, t.device) for key, t in tensors.items())
 
 
 def _as_list(value: Any) -> list[Any]:
