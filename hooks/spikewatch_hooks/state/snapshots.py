@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,47 +25,13 @@ from spikewatch_hooks.distributed.split_ring import SplitStore, check_same_layou
 from spikewatch_hooks.state.host_buffers import HostStore
 from spikewatch_hooks.state.rng import rng_state, set_rng_state
 from spikewatch_hooks.state.snapshot_budget import slot_estimate, slots_within
-from spikewatch_hooks.state.snapshot_plan import Entry, Key, Layout, LiveState, local, plan
-from spikewatch_hooks.state.snapshot_split import blank, split_entries, wants_split
+from spikewatch_hooks.state.snapshot_plan import Key, Layout, LiveState, plan
+from spikewatch_hooks.state.snapshot_slot import Snapshot, live_targets, small_state
+from spikewatch_hooks.state.snapshot_split import split_entries, wants_split
+
+__all__ = ["Snapshot", "SnapshotRing"]
 
 log = logging.getLogger("spikewatch_hooks")
-
-
-@dataclass(eq=False)
-class Snapshot:
-    """The state after ``step`` optimizer steps; ``data_position`` is the next batch."""
-
-    step: int
-    data_position: int
-    layout: Layout = field(default_factory=lambda: Layout(()))
-    whole: HostStore | None = None
-    split: SplitStore | None = None
-    #: Per optimizer, per parameter: its non-tensor state values (None: no state yet).
-    optimizer_state: list[list[dict[str, Any] | None]] = field(default_factory=list)
-    optimizer_groups: list[list[dict[str, Any]]] = field(default_factory=list)
-    schedulers: list[dict[str, Any]] = field(default_factory=list)
-    extras: dict[str, Any] = field(default_factory=dict)
-    rng: dict[str, Any] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
-    ready: torch.cuda.Event | None = None
-
-    @property
-    def nbytes(self) -> int:
-        """Host bytes this rank holds for this snapshot's tensors."""
-        return sum(s.nbytes for s in (self.whole, self.split) if s is not None)
-
-    @property
-    def model(self) -> dict[str, torch.Tensor]:
-        """The host copies of the model's tensors by name (those held whole on this
-        rank: under a split ring each rank holds only a part of the rest)."""
-        return {} if self.whole is None else self.whole.model()
-
-    def host(self, key: Key) -> torch.Tensor:
-        """The host copy of one entry held whole on this rank, e.g.
-        ``("optim", 0, 0, "exp_avg")``: optimizer 0, its first parameter."""
-        if self.whole is None:
-            raise KeyError(key)
-        return self.whole.host(key)
 
 
 class SnapshotRing:
@@ -204,7 +169,7 @@ class SnapshotRing:
             raise ValueError("no snapshot to restore; take one first")
         if snap.ready is not None:
             snap.ready.synchronize()
-        targets = self._targets(snap)
+        targets = live_targets(snap, self.live)
         for store in (snap.whole, snap.split):
             if store is not None:
                 store.copy_to(targets)
@@ -273,7 +238,7 @@ class SnapshotRing:
     def _copy_small(self, snap: Snapshot) -> None:
         """Non-tensor optimizer state, param groups, schedulers and extras (deep copies)."""
         snap.optimizer_state = [
-            [_small(opt.state.get(p)) for p in self.live.params(i)]
+            [small_state(opt.state.get(p)) for p in self.live.params(i)]
             for i, opt in enumerate(self.optimizers)
         ]
         snap.optimizer_groups = [
@@ -282,32 +247,6 @@ class SnapshotRing:
         ]
         snap.schedulers = [copy.deepcopy(s.state_dict()) for s in self.schedulers]
         snap.extras = {n: copy.deepcopy(o.state_dict()) for n, o in self.extras.items()}
-
-    def _targets(self, snap: Snapshot) -> dict[Key, torch.Tensor]:
-        """The live local tensor for each entry of ``snap``; optimizer state made to
-        match the snapshot's (dropped, or allocated where the snapshot has more)."""
-        wanted: dict[tuple[int, int], dict[str, Entry]] = {}
-        for e in snap.layout.entries:
-            if e.key[0] == "optim":
-                wanted.setdefault((e.key[1], e.key[2]), {})[e.key[3]] = e
-        model = self.live.model_tensors()
-        targets = {e.key: local(model[e.key]) for e in snap.layout.entries if e.key[0] == "model"}
-        for i, opt in enumerate(self.optimizers):
-            for j, p in enumerate(self.live.params(i)):
-                saved = snap.optimizer_state[i][j]
-                if saved is None:
-                    opt.state.pop(p, None)
-                    continue
-                state, tensors = opt.state[p], wanted.get((i, j), {})
-                for key in [k for k in state if k not in saved and k not in tensors]:
-                    del state[key]
-                state.update(copy.deepcopy(saved))
-                for key, e in tensors.items():
-                    now = state.get(key)
-                    if not (isinstance(now, torch.Tensor) and _fits(local(now), e)):
-                        state[key] = now = blank(e)
-                    targets[e.key] = local(now)
-        return targets
 
 
 def _identity(tensors: dict[Key, torch.Tensor]) -> tuple[Any, ...]:
@@ -320,16 +259,6 @@ def _as_list(value: Any) -> list[Any]:
     if value is None:
         return []
     return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
-def _small(state: dict[str, Any] | None) -> dict[str, Any] | None:
-    if not state:
-        return None
-    return {k: copy.deepcopy(v) for k, v in state.items() if not isinstance(v, torch.Tensor)}
-
-
-def _fits(t: torch.Tensor, e: Entry) -> bool:
-    return t.shape == e.shape and t.dtype == e.dtype and t.device == e.device
 
 
 def _record_event(snap: Snapshot) -> torch.cuda.Event | None:
