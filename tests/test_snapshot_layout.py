@@ -261,3 +261,10 @@ def test_a_tensor_subclass_is_refused_with_the_fix() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(SnapshotError, match=r"'tag' is a Tagged, a tensor subclass .* plain"):
         SpikeGuard(model=model, optimizer=opt)
+
+
+def test_an_extra_without_state_dict_is_refused_with_the_fix() -> None:
+    model = nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(SnapshotError, match=r"extras\['scaler'\] is a int without state_dict"):
+        SnapshotRing(model, opt, extras={"scaler": 3})

@@ -25,7 +25,7 @@ from spikewatch_hooks.distributed.split_ring import SplitStore, check_same_layou
 from spikewatch_hooks.state.host_buffers import HostStore
 from spikewatch_hooks.state.rng import rng_state, set_rng_state
 from spikewatch_hooks.state.snapshot_budget import slot_estimate, slots_within
-from spikewatch_hooks.state.snapshot_plan import Key, Layout, LiveState, plan
+from spikewatch_hooks.state.snapshot_plan import Key, Layout, LiveState, SnapshotError, plan
 from spikewatch_hooks.state.snapshot_slot import Snapshot, live_targets, small_state
 from spikewatch_hooks.state.snapshot_split import split_entries, wants_split
 
@@ -84,6 +84,13 @@ class SnapshotRing:
         self.optimizers: list[torch.optim.Optimizer] = _as_list(optimizer)
         self.schedulers = _as_list(scheduler)
         self.extras = dict(extras or {})
+        for name, obj in self.extras.items():
+            if not (callable(getattr(obj, "state_dict", None))
+                    and callable(getattr(obj, "load_state_dict", None))):  # fmt: skip
+                raise SnapshotError(
+                    f"extras[{name!r}] is a {type(obj).__name__} without state_dict() and "
+                    "load_state_dict(); pass objects that have both (a GradScaler does)"
+                )
         self.live = LiveState(model, self.optimizers, include_frozen=include_frozen)
         tensors = self.live.tensors()
         layout = plan(tensors)  # refuses what it cannot copy, now
@@ -92,15 +99,7 @@ class SnapshotRing:
         self.group, self.budget_bytes = group, budget_bytes
         if self.split:
             check_same_layout(layout.entries, group)
-        world = dist.get_world_size(group) if self.split else 1
-        estimate = slot_estimate(self._slot_bytes(layout), self.optimizers, split_world=world)
-        self.keep = slots_within(budget=budget_bytes, keep=keep, slot_bytes=estimate)
-        if self.keep < keep:
-            log.warning(
-                "spikewatch: snapshot_budget_bytes=%d holds %d of keep_snapshots=%d slots "
-                "(%d bytes each on this rank); the ring keeps %d",
-                budget_bytes, self.keep, keep, estimate, self.keep,
-            )  # fmt: skip
+        self.keep = self._slots_in_budget(keep, layout)
         #: A snapshot step kept whatever comes after (a rollback waiting for approval).
         self.pinned: int | None = None
         self._slots: list[Snapshot] = []
@@ -186,6 +185,20 @@ class SnapshotRing:
         self._spare.extend(newer)
 
     # -- helpers ------------------------------------------------------------------------
+    def _slots_in_budget(self, keep: int, layout: Layout) -> int:
+        """How many slots the budget holds (estimated: `snapshot_budget`); logged when
+        fewer than ``keep``; a `SnapshotError` when not even one."""
+        world = dist.get_world_size(self.group) if self.split else 1
+        estimate = slot_estimate(self._slot_bytes(layout), self.optimizers, split_world=world)
+        fits = slots_within(budget=self.budget_bytes, keep=keep, slot_bytes=estimate)
+        if fits < keep:
+            log.warning(
+                "spikewatch: snapshot_budget_bytes=%d holds %d of keep_snapshots=%d slots "
+                "(%d bytes each on this rank); the ring keeps %d",
+                self.budget_bytes, fits, keep, estimate, fits,
+            )  # fmt: skip
+        return fits
+
     def _layout(self, tensors: dict[Key, torch.Tensor]) -> Layout:
         """The layout of ``tensors``, planned again only when they are other tensors
         (optimizer state appeared, a checkpoint was loaded): planning costs ~10 us each."""
