@@ -24,8 +24,10 @@ from torch import nn
 from spikewatch.records import Decision
 from spikewatch.settings import MonitorConfig
 from spikewatch.transport import Transport
+from spikewatch_hooks.core.accumulation import Accumulation
 from spikewatch_hooks.core.checks import check_components
 from spikewatch_hooks.core.options import GuardOptions
+from spikewatch_hooks.core.run_length import fit_to_run_length
 from spikewatch_hooks.distributed.lockstep import Lockstep
 from spikewatch_hooks.state.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
@@ -40,7 +42,8 @@ class SpikeGuard:
         model, optimizer, scheduler: the live training objects (scheduler optional).
         run_id: the run's name in incidents and metrics.
         config: detection and policy settings (`MonitorConfig`).
-        snapshot_every: take an in-memory snapshot every this many optimizer steps.
+        snapshot_every: take an in-memory snapshot every this many optimizer steps
+            (default 100; fitted to a short run when ``total_steps`` is given).
         keep_snapshots: how many snapshots the ring holds (memory: one copy of model and
             optimizer state each, on the CPU).
         transport: where records go; default: an embedded monitor (no server).
@@ -55,20 +58,24 @@ class SpikeGuard:
             before the onset).
         distributed: decide in lockstep across the ranks of ``torch.distributed`` (one
             small all-gather per step); None: whenever a process group of > 1 rank exists.
-        snapshot_split: keep only this rank's 1/world_size of each snapshot of
-            replicated state and gather the rest on a rollback (one collective per
-            dtype). None (default): when the model is ``DistributedDataParallel`` in a
-            group of > 1 rank; False: a full copy on every rank (restore without a
-            collective); True: split in any group of > 1 rank with replicated state.
-            FSDP2 models keep their own shards either way.
-        snapshot_budget_bytes: cap on this rank's snapshot host memory
-            (``stats["snapshot_bytes"]`` reports it). Too small for one snapshot: a
-            ConfigError at construction with the numbers; room for fewer than
-            ``keep_snapshots``: the ring keeps as many as fit and logs it.
-        snapshot_frozen: also snapshot parameters no optimizer updates. By default
-            only what can change is copied: trained parameters, buffers (BatchNorm
-            statistics) and optimizer state; frozen weights are not, so code that edits
-            them by hand should pass True (or put them in a param group with lr=0).
+        snapshot_split: None (default): DDP state is split across ranks, each keeping
+            1/world_size of every snapshot (a rollback gathers the rest); False: full
+            copies per rank; True: split any replicated lockstep model (README).
+        snapshot_budget_bytes: cap on this rank's snapshot memory, reported as
+            ``stats["snapshot_bytes"]``; too small for one snapshot: a ConfigError.
+        snapshot_frozen: also snapshot parameters no optimizer updates (pass True, or
+            give them a param group with lr=0, if your code edits frozen weights).
+        accumulation_steps: loader batches per optimizer step (gradient accumulation),
+            which turns ``skip_ahead`` (in optimizer steps) into batches; None: counted
+            from the batches `batches` yields between two `step` calls.
+        total_steps: the run's length in optimizer steps, when known: default rollback
+            settings fit to it, explicit ones that would undo or skip a large share of
+            it warn (`run_length.fit_to_run_length`).
+
+    Units: ``step_count``, ``margin``, ``snapshot_every`` and ``skip_ahead`` count
+    optimizer steps; data positions and ``skipped_batches`` count loader batches. With
+    gradient accumulation call `step` once per optimizer step (README, "Units"); under
+    accelerate's ``accumulate()`` a `step` while ``sync_gradients`` is False does nothing.
 
     Example:
         >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
@@ -101,7 +108,7 @@ class SpikeGuard:
         *,
         run_id: str = "run",
         config: MonitorConfig | None = None,
-        snapshot_every: int = 100,
+        snapshot_every: int | None = None,
         keep_snapshots: int = 4,
         transport: Transport | None = None,
         monitor_url: str | None = None,
@@ -113,12 +120,14 @@ class SpikeGuard:
         snapshot_split: bool | None = None,
         snapshot_budget_bytes: int | None = None,
         snapshot_frozen: bool = False,
+        accumulation_steps: int | None = None,
+        total_steps: int | None = None,
     ) -> None:
         check_components(
             model=model,
             optimizer=optimizer,
             scheduler=scheduler,
-            snapshot_every=snapshot_every,
+            snapshot_every=100 if snapshot_every is None else snapshot_every,
             keep_snapshots=keep_snapshots,
             checkpoint_every=checkpoint_every,
             checkpoint_dir=checkpoint_dir,
@@ -129,7 +138,7 @@ class SpikeGuard:
         self.options = GuardOptions.build(
             run_id=run_id,
             config=config,
-            snapshot_every=snapshot_every,
+            snapshot_every=100 if snapshot_every is None else snapshot_every,
             keep_snapshots=keep_snapshots,
             margin=margin,
             transport=transport,
@@ -138,6 +147,10 @@ class SpikeGuard:
             snapshot_split=snapshot_split,
             snapshot_budget_bytes=snapshot_budget_bytes,
             snapshot_frozen=snapshot_frozen,
+        )
+        self.accumulation = Accumulation.build(accumulation_steps)
+        self.options = fit_to_run_length(
+            self.options, total_steps, snapshot_given=snapshot_every is not None
         )
         self.run_id = run_id
         # Built before init_process_group (distributed=None): join the lockstep at the
@@ -150,6 +163,7 @@ class SpikeGuard:
         self.checkpoint_dir = checkpoint_dir
         self.checkpoint_every = checkpoint_every
         self._resume_position = 0
+        self.engine.batches_per_step = self.accumulation.batches_per_step
 
     def __repr__(self) -> str:
         e = self.engine
@@ -179,6 +193,7 @@ class SpikeGuard:
                 engine.count("skipped_batches")
                 continue
             engine.position = position
+            self.accumulation.yielded += 1
             yield batch
 
     def step(
@@ -191,6 +206,8 @@ class SpikeGuard:
         """Run ``optimizer.step()`` and ``scheduler.step()`` unless the guard decides
         otherwise; apply a rollback or halt here. Returns the step's most severe
         decision, or None when there is nothing to report."""
+        if self.accumulation.micro_batch(self.engine):
+            return None  # accelerate accumulate(): no optimizer step on this micro-batch
         decision = self.engine.step(loss, grad_norm, data_position)
         if (
             self.checkpoint_every

@@ -5,16 +5,18 @@
 
 Event timeline (automatic optimization, one optimizer), as a pseudocode training loop::
 
-    on_fit_start          check the setup: ConfigError, with the fix, on manual optimization,
-                          several lr schedulers, accumulate_grad_batches > 1, several devices
-    on_train_start        build the GuardEngine from pl_module, trainer.optimizers[0] and
-                          trainer.lr_scheduler_configs[0].scheduler, after Lightning has
-                          restored any checkpoint; snapshot step 0
+    on_fit_start          ConfigError, with the fix, on manual optimization or several
+                          lr schedulers
+    on_train_start        (a checkpoint is restored by now) fit default settings to the
+                          run length (`run_length`); build the GuardEngine on pl_module
+                          and the trainer's optimizer and scheduler; snapshot step 0; wrap
+                          the dataloader (`lightning_data`): ledger batches are left out
     for batch in train_dataloader:             # read forward only, never rewound
-        on_train_batch_start      position = training batches seen since the run began
-        loss = training_step(batch)
-        on_before_backward        keep the loss tensor (no host-device sync)
+        on_train_batch_start      position = the batch's position since the run began
+        loss = training_step(batch)            # / accumulate_grad_batches (Lightning)
+        on_before_backward        add the loss tensor to this step's (no host-device sync)
         loss.backward()
+        (accumulate_grad_batches > 1: the next micro-batch, until the optimizer step)
         on_before_optimizer_step  grads are still pre-clip:
             position in the skip ledger -> every param.grad = None (batch passed over)
             else grad_norm = get_total_norm(grads); decision = engine.observe(loss, ...)
@@ -25,7 +27,7 @@ Event timeline (automatic optimization, one optimizer), as a pseudocode training
             rollback -> model, optimizer, scheduler, RNG restored from the snapshot ring;
                         the batches consumed since, and ``skip_ahead`` more, go to the ledger
             halt     -> trainer.should_stop = True (the reason is logged)
-            ledger   -> the scheduler step Lightning just took is undone
+            ledger   -> (dataloader not wrapped) the scheduler step is undone
             else     -> engine.finish_step() (a snapshot every ``snapshot_every`` steps)
             trainer.fit_loop.epoch_loop.max_steps = max_steps + (global_step - step_count)
 
@@ -37,10 +39,13 @@ never goes back; `step_count` counts useful steps and rewinds with a rollback. W
 count, so the run ends after ``max_steps`` useful steps; with ``max_steps=-1`` epochs
 bound the run: give them headroom.
 
-Settings it needs: a deterministic data order (no shuffling, or a seeded sampler), since
-positions name batches, and for a mid-epoch resume a resumable dataloader;
-``snapshot_every`` well below ``margin``. Ledger batches still run forward and backward
-(Lightning calls ``training_step`` before any hook can refuse the batch).
+Units: steps (``step_count``, ``margin``, ``snapshot_every``, ``skip_ahead``) count
+optimizer steps; data positions and ``skipped_batches`` count dataloader batches (with
+``accumulate_grad_batches=4`` a ``skip_ahead`` of 100 steps passes over 400 batches).
+Settings it needs: a deterministic data order (no shuffling, or a seeded sampler);
+``snapshot_every`` well below ``margin``. A mid-epoch resume (``ckpt_path=``) works with
+a plain dataloader: Lightning restarts the epoch, the callback passes over the batches
+trained before the checkpoint.
 """
 
 from __future__ import annotations
@@ -51,14 +56,21 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.core.optimizer import LightningOptimizer
 
-from spikewatch.errors import bad_value
 from spikewatch.records import Decision
 from spikewatch.settings import MonitorConfig
 from spikewatch.transport import Transport
+from spikewatch_hooks.adapters import lightning_data
+from spikewatch_hooks.adapters.lightning_data import DataPositions
+from spikewatch_hooks.adapters.lightning_setup import (
+    HeldSchedule,
+    check_setup,
+    run_length,
+    unwrap_optimizer,
+)
 from spikewatch_hooks.core.engine import GuardEngine
 from spikewatch_hooks.core.options import GuardOptions
+from spikewatch_hooks.core.run_length import fit_to_run_length
 from spikewatch_hooks.distributed.lockstep import Lockstep
 
 log = logging.getLogger(__name__)
@@ -72,7 +84,8 @@ class SpikewatchCallback(pl.Callback):
     Args:
         run_id: the run's name in incidents and metrics.
         config: detection and policy settings (`MonitorConfig`).
-        snapshot_every: take an in-memory snapshot every this many useful steps.
+        snapshot_every: take an in-memory snapshot every this many useful steps
+            (default 100; fitted to a short run, see `run_length`).
         keep_snapshots: how many snapshots the ring holds (one CPU copy of model and
             optimizer state each).
         transport: where records go; default: an embedded monitor (no server).
@@ -97,7 +110,7 @@ class SpikewatchCallback(pl.Callback):
         *,
         run_id: str = "run",
         config: MonitorConfig | None = None,
-        snapshot_every: int = 100,
+        snapshot_every: int | None = None,
         keep_snapshots: int = 4,
         transport: Transport | None = None,
         monitor_url: str | None = None,
@@ -107,7 +120,7 @@ class SpikewatchCallback(pl.Callback):
         self.options = GuardOptions.build(
             run_id=run_id,
             config=config,
-            snapshot_every=snapshot_every,
+            snapshot_every=100 if snapshot_every is None else snapshot_every,
             keep_snapshots=keep_snapshots,
             margin=margin,
             transport=transport,
@@ -116,12 +129,15 @@ class SpikewatchCallback(pl.Callback):
         )
         self.run_id, self.config = run_id, self.options.config
         self.engine: GuardEngine | None = None
-        self._batches_seen = 0
+        self._snapshot_given = snapshot_every is not None
+        self.positions = DataPositions()
+        self._wrapped = False  # the training dataloader leaves ledger batches out
         self._position = 0
+        self._next_position = 0  # the batch after the last one started
         self._loss: torch.Tensor | None = None
         self._mode = "none"  # what on_before_optimizer_step decided for this batch
         self._pending: Decision | None = None
-        self._held_schedule: tuple[dict[str, Any], list[Any]] | None = None
+        self._held_schedule = HeldSchedule()
         self._max_steps = -1
         self._uncounted = 0  # global steps that were not useful steps, over the run
         self._last = (0, 0)  # (global_step, step_count) when last counted
@@ -148,7 +164,7 @@ class SpikewatchCallback(pl.Callback):
     # -- set-up -----------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Fail fast on a setup the callback cannot guard; extend a resumed run's limit."""
-        _check_setup(trainer, pl_module)
+        check_setup(trainer, pl_module)
         # Before Lightning restores global_step and checks max_steps (a resumed run that
         # had undone steps would otherwise stop before on_train_start).
         self._max_steps = trainer.max_steps
@@ -158,15 +174,21 @@ class SpikewatchCallback(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Build the engine on the live objects (a checkpoint is restored by now)."""
-        optimizer = _unwrap(trainer.optimizers[0])
+        optimizer = unwrap_optimizer(trainer.optimizers[0])
         configs = trainer.lr_scheduler_configs
         scheduler = configs[0].scheduler if configs else None
+        self.options = fit_to_run_length(
+            self.options, run_length(trainer), snapshot_given=self._snapshot_given
+        )
+        self.config = self.options.config
         # Under DDP each rank sees its own loss: decide on the all-gathered values.
         lockstep = Lockstep() if Lockstep.active() else None
         self.engine = self.options.engine(pl_module, optimizer, scheduler, lockstep=lockstep)
+        self.engine.batches_per_step = trainer.accumulate_grad_batches
         if self._restored is not None:
             self._resume(self._restored)
         self._restored = None
+        self._wrapped = lightning_data.install(trainer, self.engine, self.positions)
         self._last = (trainer.global_step, self.engine.step_count)
 
     # -- per batch --------------------------------------------------------------------
@@ -174,15 +196,19 @@ class SpikewatchCallback(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         """Number the batch in the data order."""
-        self._position = self._batches_seen
-        self._batches_seen += 1
-        self._loss = None
+        queue = self.positions.queue
+        if self._wrapped and queue:
+            self._position = queue.popleft()
+        else:  # not wrapped: every batch the dataloader yields reaches training_step
+            self._position = self._next_position
+        self._next_position = self._position + 1
 
     def on_before_backward(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
     ) -> None:
-        """Keep the training_step's loss for the decision before the optimizer step."""
-        self._loss = loss.detach()
+        """Add the training_step's loss (already divided by accumulate_grad_batches) to
+        this optimizer step's: the mean over its micro-batches."""
+        self._loss = loss.detach() if self._loss is None else self._loss + loss.detach()
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
@@ -191,13 +217,12 @@ class SpikewatchCallback(pl.Callback):
         engine = self._engine()
         params = [p for group in engine.optimizer.param_groups for p in group["params"]]
         self._mode = self._decide(engine, params)
+        self._loss = None  # the next optimizer step's micro-batches start afresh
         if self._mode in ("halted", "ledger", "skip", "act"):
             for p in params:
                 p.grad = None
-        configs = trainer.lr_scheduler_configs
-        if self._mode == "ledger" and configs and configs[0].interval == "step":
-            lrs = [group["lr"] for group in engine.optimizer.param_groups]
-            self._held_schedule = (copy.deepcopy(configs[0].scheduler.state_dict()), lrs)
+        if self._mode == "ledger":
+            self._held_schedule.hold(trainer, engine.optimizer)
 
     def on_train_batch_end(
         self,
@@ -217,7 +242,7 @@ class SpikewatchCallback(pl.Callback):
         elif mode == "halted":
             self._stop(trainer, engine)
         elif mode == "ledger":
-            self._release_schedule(engine)
+            self._held_schedule.release(engine)
             engine.count("skipped_batches")
         elif mode in ("step", "skip", "idle"):
             engine.position = self._position
@@ -238,7 +263,9 @@ class SpikewatchCallback(pl.Callback):
         if self.engine is None:
             return {}
         guard = self.engine.guard_state()
-        return {"batches_seen": self._batches_seen, "uncounted": self._uncounted, "guard": guard}
+        positions = self.positions.state_dict(self._next_position)
+        return {"batches_seen": self._next_position, "uncounted": self._uncounted,
+                "positions": positions, "guard": guard}  # fmt: skip
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Keep the saved state; it is applied when training starts."""
@@ -271,15 +298,6 @@ class SpikewatchCallback(pl.Callback):
         if self._max_steps >= 0:
             trainer.fit_loop.epoch_loop.max_steps = self._max_steps + self._uncounted
 
-    def _release_schedule(self, engine: GuardEngine) -> None:
-        if self._held_schedule is None or engine.scheduler is None:
-            return
-        state, lrs = self._held_schedule
-        self._held_schedule = None
-        engine.scheduler.load_state_dict(state)
-        for group, lr in zip(engine.optimizer.param_groups, lrs, strict=True):
-            group["lr"] = lr
-
     def _stop(self, trainer: pl.Trainer, engine: GuardEngine) -> None:
         if not trainer.should_stop:  # the engine has logged the reason and what to try
             log.error("spikewatch stops the Lightning trainer: %s", engine.halt_reason)
@@ -288,7 +306,8 @@ class SpikewatchCallback(pl.Callback):
     def _resume(self, state: dict[str, Any]) -> None:
         engine = self._engine()
         engine.load_guard_state(state["guard"])  # Lightning restored the live objects
-        self._batches_seen = int(state["batches_seen"])
+        self._next_position = int(state["batches_seen"])
+        self.positions.restore(state.get("positions", {"next_position": self._next_position}))
 
     def _engine(self) -> GuardEngine:
         if self.engine is None:
@@ -297,35 +316,3 @@ class SpikewatchCallback(pl.Callback):
                 "pass the callback to L.Trainer(callbacks=[...]) and call trainer.fit"
             )
         return self.engine
-
-
-def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
-    inner: torch.optim.Optimizer = (
-        optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
-    )
-    return inner
-
-
-def _check_setup(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-    """Raise `ConfigError` naming the setting and the fix for what the callback cannot guard."""
-    if not pl_module.automatic_optimization:
-        raise bad_value(
-            "automatic_optimization",
-            False,
-            "SpikewatchCallback needs automatic optimization; with manual optimization "
-            "call spikewatch_hooks.SpikeGuard.step() inside training_step instead",
-        )
-    # Lightning itself allows one optimizer only with automatic optimization.
-    if len(trainer.lr_scheduler_configs) > 1:
-        raise bad_value(
-            "configure_optimizers",
-            f"{len(trainer.lr_scheduler_configs)} lr schedulers",
-            "return at most one lr scheduler (chain them with torch SequentialLR)",
-        )
-    if trainer.accumulate_grad_batches != 1:
-        raise bad_value(
-            "accumulate_grad_batches",
-            trainer.accumulate_grad_batches,
-            "use 1 with SpikewatchCallback (a larger batch size instead): it decides "
-            "per optimizer step and numbers batches one per step",
-        )

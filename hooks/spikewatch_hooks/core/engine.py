@@ -67,6 +67,9 @@ class GuardEngine:
         self.stats: Counter[str] = Counter()
         self.step_count = 0
         self.position = 0
+        # Data positions count loader batches, steps count optimizer steps: with gradient
+        # accumulation the adapter sets this, and ``skip_ahead`` (in steps) becomes batches.
+        self.batches_per_step = 1
         self.halted = False
         self.halt_reason = ""
         self.lr_scale = 1.0
@@ -219,7 +222,8 @@ class GuardEngine:
         self.lr_scale = decision.lr_factor
         why = f"rollback at step {self.step_count}: {decision.reason}"
         wasted = self.ledger.add(snap.data_position, consumed_to, reason=why)
-        self.ledger.add(consumed_to, consumed_to + decision.skip_ahead, reason=why + " (ahead)")
+        ahead = decision.skip_ahead * self.batches_per_step
+        self.ledger.add(consumed_to, consumed_to + ahead, reason=why + " (ahead)")
         self.stats["rollbacks"] += 1
         where = self._attribution(decision)
         self.stats["skipped_batches"] += wasted  # the ones ahead count when passed over
@@ -230,7 +234,7 @@ class GuardEngine:
                 self.step_count,
                 snap.step,
                 snap.data_position,
-                consumed_to + decision.skip_ahead,
+                consumed_to + ahead,
                 decision.lr_factor,
                 decision.reason,
                 where,
