@@ -14,6 +14,9 @@ child processes that build the same model and optimizer, then time only the load
 reported: the same load repeated in this process with the file in the page cache and the
 allocator warm (the best case for ``torch.load``), the first in-process load, and a load
 after ``posix_fadvise(DONTNEED)``. Wall-clock times; medians over rounds.
+``--distributed`` runs `rollback_dist` instead: the ring's layouts on 2 gloo ranks (DDP
+split vs full copies, FSDP2 shards), bytes per rank, restore times, and restore
+bandwidth as a ratio to a plain ``copy_`` of the same bytes.
 """
 
 from __future__ import annotations
@@ -292,7 +295,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--restart-child", nargs=2, metavar=("SIZE", "PATH"), help=argparse.SUPPRESS
     )
+    parser.add_argument("--distributed", action="store_true", help="2-rank ring layouts")
     args = parser.parse_args(argv)
+    if args.distributed:
+        import rollback_dist  # noqa: PLC0415 (spawns processes: only when asked)
+
+        return rollback_dist.main([*(["--json"] if args.json else []),
+                                   *(["--quick"] if args.quick else [])])  # fmt: skip
     if args.restart_child:
         name, path = args.restart_child
         return _restart_child(name, path, threads=args.threads)

@@ -30,9 +30,11 @@ reference loss.
 
 Rank 0 prints one JSON line (``world_size``, ``rollbacks``, ``skipped_batches``,
 ``final_loss``, ``reference_loss``, ``params_identical_across_ranks``, ``incident_ranks``,
-``steps``); the exit code is 0 only if the run is healthy: at least one rollback,
-bit-identical parameters on all ranks, and a final held-out loss within
-``--tolerance`` of the clean reference (1: unhealthy; 2: a peer rank failed).
+``steps``, ``snapshot_bytes``: the host bytes of rank 0's snapshots, about 1/world_size
+of the state per slot, since DDP state is split across ranks); the exit code is 0 only
+if the run is healthy: at least one rollback, bit-identical parameters on all ranks, and
+a final held-out loss within ``--tolerance`` of the clean reference (1: unhealthy; 2: a
+peer rank failed).
 """
 
 from __future__ import annotations
@@ -241,6 +243,8 @@ def train_guarded(
         "incident_ranks": ranks_named(stats["last_incident_ranks"], world),
         "incident": stats["last_incident_ranks"],
         "steps": guard.step_count,
+        # DDP state is split across the ranks (snapshot_split=None, the default).
+        "snapshot_bytes": stats["snapshot_bytes"],
     }
 
 

@@ -49,6 +49,7 @@ def test_a_bad_shard_on_rank_1_is_rolled_back_on_both_ranks(repo: Path) -> None:
     assert result["steps"] == 300
     assert math.isfinite(result["final_loss"])
     assert result["healthy"] is True
+    assert result["snapshot_bytes"] > 0
     assert "rolled back" in done.stderr  # rank 0 logged the rollback (once: rank 1 is silent)
     assert done.stderr.count("spikewatch: rolled back") == result["rollbacks"]
 

@@ -58,6 +58,13 @@ class SpikeGuard:
             before the onset).
         distributed: decide in lockstep across the ranks of ``torch.distributed`` (one
             small all-gather per step); None: whenever a process group of > 1 rank exists.
+        snapshot_split: None (default): DDP state is split across ranks, each keeping
+            1/world_size of every snapshot (a rollback gathers the rest); False: full
+            copies per rank; True: split any replicated lockstep model (README).
+        snapshot_budget_bytes: cap on this rank's snapshot memory, reported as
+            ``stats["snapshot_bytes"]``; too small for one snapshot: a ConfigError.
+        snapshot_frozen: also snapshot parameters no optimizer updates (pass True, or
+            give them a param group with lr=0, if your code edits frozen weights).
         accumulation_steps: loader batches per optimizer step (gradient accumulation),
             which turns ``skip_ahead`` (in optimizer steps) into batches; None: counted
             from the batches `batches` yields between two `step` calls.
@@ -110,6 +117,9 @@ class SpikeGuard:
         checkpoint_every: int = 0,
         margin: int | None = None,
         distributed: bool | None = None,
+        snapshot_split: bool | None = None,
+        snapshot_budget_bytes: int | None = None,
+        snapshot_frozen: bool = False,
         accumulation_steps: int | None = None,
         total_steps: int | None = None,
     ) -> None:
@@ -134,6 +144,9 @@ class SpikeGuard:
             transport=transport,
             monitor_url=monitor_url,
             token=token,
+            snapshot_split=snapshot_split,
+            snapshot_budget_bytes=snapshot_budget_bytes,
+            snapshot_frozen=snapshot_frozen,
         )
         self.accumulation = Accumulation.build(accumulation_steps)
         self.options = fit_to_run_length(

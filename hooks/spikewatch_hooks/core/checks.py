@@ -52,3 +52,34 @@ def check_components(
         raise bad_value("checkpoint_dir", None, "set a folder when checkpoint_every > 0")
     if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
         raise bad_value("checkpoint_dir", checkpoint_dir, "use a path")
+
+
+def check_snapshot_options(
+    *, snapshot_split: object, snapshot_budget_bytes: object, snapshot_frozen: object
+) -> None:
+    """Fail at construction, with the fix, on a snapshot layout option of the wrong kind.
+
+    Example:
+        >>> check_snapshot_options(snapshot_split=None, snapshot_budget_bytes=0,
+        ...                        snapshot_frozen=False)
+        Traceback (most recent call last):
+        ...
+        spikewatch.errors.ConfigError: snapshot_budget_bytes=0 is invalid: use an integer \
+number of bytes >= 1, or None for no cap
+    """
+    if snapshot_split is not None and not isinstance(snapshot_split, bool):
+        raise bad_value(
+            "snapshot_split", snapshot_split,
+            "use None (split DDP state across ranks), False (full copies) or True",
+        )  # fmt: skip
+    if snapshot_budget_bytes is not None and (
+        isinstance(snapshot_budget_bytes, bool)
+        or not isinstance(snapshot_budget_bytes, int)
+        or snapshot_budget_bytes < 1
+    ):
+        raise bad_value(
+            "snapshot_budget_bytes", snapshot_budget_bytes,
+            "use an integer number of bytes >= 1, or None for no cap",
+        )  # fmt: skip
+    if not isinstance(snapshot_frozen, bool):
+        raise bad_value("snapshot_frozen", snapshot_frozen, "use True or False")

@@ -21,6 +21,7 @@ from spikewatch.transport import Transport
 from spikewatch_hooks.core.approval import Approvals
 from spikewatch_hooks.core.commands import CommandDesk
 from spikewatch_hooks.core.values import Number, ValuePipe
+from spikewatch_hooks.distributed.local_values import plain_value
 from spikewatch_hooks.distributed.lockstep import Lockstep
 from spikewatch_hooks.state.ledger import SkipLedger
 from spikewatch_hooks.state.rng import rng_state, set_rng_state
@@ -46,6 +47,7 @@ class GuardEngine:
         monitor_every: int = 8,
         lockstep: Lockstep | None = None,
         adopt_lockstep: bool = False,
+        ring_options: dict[str, Any] | None = None,
     ) -> None:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.transport, self.config, self.run_id = transport, config, run_id
@@ -56,7 +58,10 @@ class GuardEngine:
         self.reporting = lockstep is None or lockstep.rank == 0
         self.last_incident_ranks = ""
         self._skip_threshold = math.inf
-        self.ring = SnapshotRing(model, optimizer, scheduler, keep=keep_snapshots)
+        self.ring = SnapshotRing(
+            model, optimizer, scheduler, keep=keep_snapshots,
+            group=None if lockstep is None else lockstep.group, **(ring_options or {}),
+        )  # fmt: skip
         self.ledger = SkipLedger()
         self.values = ValuePipe()
         self.stats: Counter[str] = Counter()
@@ -99,6 +104,7 @@ class GuardEngine:
         """Queue this step's values, feed what is ready to the monitor, return a decision."""
         if self.halted:
             return None
+        loss, grad_norm = plain_value(loss), plain_value(grad_norm)  # FSDP2: DTensor norms
         if self._adopt_lockstep:
             self._join_lockstep()
         if data_position is not None:
@@ -288,6 +294,7 @@ class GuardEngine:
             "halted": self.halted,
             "halt_reason": self.halt_reason,
             "snapshots": self.ring.steps,
+            "snapshot_bytes": self.ring.nbytes,
             "skip_ledger": self.ledger.ranges(),
             "last_incident_ranks": self.last_incident_ranks,
             **{
@@ -317,7 +324,7 @@ class GuardEngine:
         self.transport.rewind(guard["detector_state"])
         self.lr_scale = float(guard["lr_scale"])
         self.stats = Counter(guard["stats"])
-        self.ring = SnapshotRing(self.model, self.optimizer, self.scheduler, keep=self.ring.keep)
+        self.ring.clear()
         self._snapshot(next_position=self.position + 1)
 
     def checkpoint_payload(self) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from spikewatch.service_transport import Approval, ServiceTransport, config_from
 from spikewatch.settings import MonitorConfig
 from spikewatch.transport import EmbeddedTransport, Transport
 from spikewatch.validation import check_int, check_run_id
-from spikewatch_hooks.core.checks import check_components
+from spikewatch_hooks.core.checks import check_components, check_snapshot_options
 from spikewatch_hooks.core.engine import GuardEngine
 from spikewatch_hooks.distributed.lockstep import Lockstep
 
@@ -51,6 +51,10 @@ class GuardOptions:
     explicit: bool = False
     #: The guard was given margin=: it beats the service's margin.
     margin: int | None = None
+    #: Snapshot ring layout (`SnapshotRing`'s split, budget_bytes, include_frozen).
+    snapshot_split: bool | None = None
+    snapshot_budget_bytes: int | None = None
+    snapshot_frozen: bool = False
 
     @classmethod
     def build(
@@ -64,8 +68,16 @@ class GuardOptions:
         transport: Transport | None = None,
         monitor_url: str | None = None,
         token: str | None = None,
+        snapshot_split: bool | None = None,
+        snapshot_budget_bytes: int | None = None,
+        snapshot_frozen: bool = False,
     ) -> GuardOptions:
         """Validate the options, with the fix in every message."""
+        check_snapshot_options(
+            snapshot_split=snapshot_split,
+            snapshot_budget_bytes=snapshot_budget_bytes,
+            snapshot_frozen=snapshot_frozen,
+        )
         if not isinstance(run_id, str) or not run_id:
             raise bad_value("run_id", run_id, "use a non-empty string naming the run")
         if config is not None and not isinstance(config, MonitorConfig):
@@ -87,6 +99,9 @@ class GuardOptions:
             token=token,
             explicit=explicit,
             margin=margin,
+            snapshot_split=snapshot_split,
+            snapshot_budget_bytes=snapshot_budget_bytes,
+            snapshot_frozen=snapshot_frozen,
         )
 
     def make_transport(self, lockstep: Lockstep | None = None) -> Transport:
@@ -157,6 +172,11 @@ class GuardOptions:
             run_id=self.run_id,
             lockstep=lockstep,
             adopt_lockstep=adopt_lockstep,
+            ring_options={
+                "split": self.snapshot_split,
+                "budget_bytes": self.snapshot_budget_bytes,
+                "include_frozen": self.snapshot_frozen,
+            },
         )
 
 
