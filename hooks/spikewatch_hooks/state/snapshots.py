@@ -8,6 +8,7 @@ in place into the live tensors, so the optimizer's references to parameters stay
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +27,8 @@ class Snapshot:
     model: dict[str, torch.Tensor] = field(default_factory=dict)
     optimizer_state: list[dict[str, Any]] = field(default_factory=list)
     optimizer_groups: list[dict[str, Any]] = field(default_factory=list)
-    scheduler: dict[str, Any] | None = None
+    schedulers: list[dict[str, Any]] = field(default_factory=list)
+    extras: dict[str, Any] = field(default_factory=dict)
     rng: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     ready: torch.cuda.Event | None = None
@@ -41,7 +43,15 @@ class Snapshot:
 
 
 class SnapshotRing:
-    """The last ``keep`` snapshots of model, optimizer, scheduler and RNG state.
+    """The last ``keep`` snapshots of model, optimizers, schedulers, extras and RNG state.
+
+    Args:
+        model: the live model.
+        optimizer: the optimizer, or a sequence of them (each one's state is snapshotted).
+        scheduler: None, one LR scheduler, or a sequence of them.
+        keep: how many snapshots to hold.
+        extras: other objects with ``state_dict()``/``load_state_dict()`` that shape the
+            update (a ``GradScaler``), by name; deep-copied into each snapshot.
 
     Example:
         >>> model = nn.Linear(2, 1)
@@ -60,12 +70,16 @@ class SnapshotRing:
     def __init__(
         self,
         model: nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
         scheduler: Any = None,
         *,
         keep: int = 4,
+        extras: Mapping[str, Any] | None = None,
     ) -> None:
-        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.model = model
+        self.optimizers = as_list(optimizer)
+        self.schedulers = as_list(scheduler)
+        self.extras = dict(extras or {})
         self.keep = keep
         #: A snapshot step kept whatever comes after (a rollback waiting for approval).
         self.pinned: int | None = None
@@ -99,9 +113,8 @@ class SnapshotRing:
         snap.step, snap.data_position = step, data_position
         _copy_into(snap.model, self.model.state_dict())
         self._copy_optimizer(snap)
-        snap.scheduler = (
-            None if self.scheduler is None else copy.deepcopy(self.scheduler.state_dict())
-        )
+        snap.schedulers = [copy.deepcopy(s.state_dict()) for s in self.schedulers]
+        snap.extras = {k: copy.deepcopy(v.state_dict()) for k, v in self.extras.items()}
         snap.rng = rng_state()
         snap.extra = copy.deepcopy(extra or {})
         snap.ready = _record_event(snap.model)
@@ -131,44 +144,61 @@ class SnapshotRing:
             for name, buf in snap.model.items():
                 live[name].copy_(buf, non_blocking=True)
         self._restore_optimizer(snap)
-        if self.scheduler is not None and snap.scheduler is not None:
-            self.scheduler.load_state_dict(copy.deepcopy(snap.scheduler))
+        for scheduler, saved in zip(self.schedulers, snap.schedulers, strict=True):
+            scheduler.load_state_dict(copy.deepcopy(saved))
+        for name, saved in snap.extras.items():
+            self.extras[name].load_state_dict(copy.deepcopy(saved))
         set_rng_state(snap.rng)
         newer = [s for s in self._slots if s.step > snap.step]
         self._slots = [s for s in self._slots if s.step <= snap.step]
         self._spare.extend(newer)
 
-    def _params(self) -> list[torch.Tensor]:
-        return [p for g in self.optimizer.param_groups for p in g["params"]]
+    def _params(self) -> list[tuple[torch.optim.Optimizer, torch.Tensor]]:
+        """Every (optimizer, parameter) pair, optimizer by optimizer, group by group."""
+        return [(o, p) for o in self.optimizers for g in o.param_groups for p in g["params"]]
 
     def _copy_optimizer(self, snap: Snapshot) -> None:
         params = self._params()
         if len(snap.optimizer_state) != len(params):
             snap.optimizer_state = [{} for _ in params]
-        for saved, p in zip(snap.optimizer_state, params, strict=True):
-            state = self.optimizer.state.get(p, {})
+        for saved, (opt, p) in zip(snap.optimizer_state, params, strict=True):
+            state = opt.state.get(p, {})
             for key in list(saved):
                 if key not in state:
                     del saved[key]
             _copy_into(saved, state)
         snap.optimizer_groups = [
             {k: copy.deepcopy(v) for k, v in g.items() if k != "params"}
-            for g in self.optimizer.param_groups
+            for o in self.optimizers
+            for g in o.param_groups
         ]
 
     def _restore_optimizer(self, snap: Snapshot) -> None:
         with torch.no_grad():
-            for saved, p in zip(snap.optimizer_state, self._params(), strict=True):
+            for saved, (opt, p) in zip(snap.optimizer_state, self._params(), strict=True):
                 if not saved:
-                    self.optimizer.state.pop(p, None)
+                    opt.state.pop(p, None)
                     continue
-                state = self.optimizer.state[p]
+                state = opt.state[p]
                 for key, value in saved.items():
                     _restore_value(state, key, value, p.device)
-        for group, saved_group in zip(
-            self.optimizer.param_groups, snap.optimizer_groups, strict=True
-        ):
+        groups = [g for o in self.optimizers for g in o.param_groups]
+        for group, saved_group in zip(groups, snap.optimizer_groups, strict=True):
             group.update(copy.deepcopy(saved_group))
+
+
+def as_list(value: Any) -> list[Any]:
+    """None -> [], one object -> [it], a list or tuple -> a list of its items.
+
+    Example:
+        >>> as_list(None), as_list(3), as_list((1, 2))
+        ([], [3], [1, 2])
+    """
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value]
 
 
 def _copy_into(buffers: dict[str, Any], source: dict[str, Any]) -> None:
