@@ -36,7 +36,7 @@ def _data(n: int) -> list[torch.Tensor]:
     return [torch.randn(16, 8, generator=g) for _ in range(n)]
 
 
-def _loss(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _loss(model: torch.nn.Module, x: torch.Tensor) -> Any:
     return (model(x) - x.sum(dim=1, keepdim=True)).pow(2).mean()
 
 

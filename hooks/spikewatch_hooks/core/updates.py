@@ -103,7 +103,8 @@ class Updates:
             self.overflows_in_row = 0
             return False
         self.overflows_in_row += 1
-        return math.isfinite(float(loss)) and not self.collapsed
+        value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+        return math.isfinite(value) and not self.collapsed
 
     def _check_collapse(self) -> None:
         assert self.scaler is not None
