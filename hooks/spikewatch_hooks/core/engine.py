@@ -213,13 +213,13 @@ class GuardEngine:
         checkpoint at or before it when the ring does not reach back: `core.restore`);
         skip the batches consumed since."""
         target = decision.rollback_before_step or 0
-        consumed_to = self.position + 1
+        consumed_to, from_step = self.position + 1, self.step_count
         self.updates.settle_scaler()
         point = rollback_source(self, target)
         self.transport.rewind(point.detector_state)
         self._scale_lr(decision.lr_factor / point.lr_scale)
         self.lr_scale = decision.lr_factor
-        why = f"rollback at step {self.step_count}: {decision.reason}"
+        why = f"rollback at step {from_step}: {decision.reason}"
         wasted = self.ledger.add(point.data_position, consumed_to, reason=why)
         self.ledger.add(consumed_to, consumed_to + decision.skip_ahead, reason=why + " (ahead)")
         self.stats["rollbacks"] += 1
@@ -229,7 +229,7 @@ class GuardEngine:
             log.warning(
                 "spikewatch: rolled back from step %d to step %d (%s), skipping batches "
                 "[%d, %d), lr x%g: %s%s",
-                self.step_count,
+                from_step,
                 point.step,
                 point.source,
                 point.data_position,

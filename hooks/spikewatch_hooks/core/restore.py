@@ -95,7 +95,7 @@ def _oldest(engine: GuardEngine, target: int) -> RestorePoint:
     if disk_steps and min(disk_steps) < snap.step:
         path = _try_disk(engine, target, newest=False)
         if path is not None:
-            _warn(engine, target, f"checkpoint {path}", "")
+            _warn(engine, target, f"oldest checkpoint, {path} (step {engine.step_count})", "")
             return _from_engine(engine, f"oldest checkpoint {path}")
     if engine.disk is None:
         advice = " (raise keep_snapshots, or set checkpoint_dir, to reach further back)"
