@@ -188,6 +188,21 @@ class SpikeGuard:
             engine.position = position
             yield batch
 
+    def accept(self, position: int) -> bool:
+        """Whether to train on the batch at data ``position``, for loops that do not
+        iterate `batches` (Lightning's manual optimization: see the README). False when
+        the run halted or the position is in the skip ledger (counted in
+        ``stats["skipped_batches"]``); True otherwise, and the step that follows is
+        recorded at that position."""
+        engine = self.engine
+        if engine.halted:
+            return False
+        if position in engine.ledger:
+            engine.count("skipped_batches")
+            return False
+        engine.position = position
+        return True
+
     def step(
         self,
         loss: torch.Tensor | float,
