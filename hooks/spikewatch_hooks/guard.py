@@ -8,12 +8,7 @@ for batch in guard.batches(loader):
     guard.step(loss=loss, grad_norm=grad_norm)   # optimizer.step() unless skipped
     opt.zero_grad(set_to_none=True)
 
-Several optimizers and schedulers: ``SpikeGuard(model, [o1, o2], [s1, s2])``; all are
-stepped, skipped, snapshotted, restored and checkpointed together. fp16 with a
-GradScaler: ``SpikeGuard(model, opt, scaler=scaler)`` and, in the loop,
-``scaler.scale(loss).backward(); scaler.unscale_(opt); grad_norm = clip(...);
-guard.step(loss, grad_norm)``: the guard calls ``scaler.step``/``scaler.update``
-(`core.updates`).
+Several optimizers and schedulers, and an fp16 GradScaler: see `core.updates`.
 """
 
 from __future__ import annotations
@@ -46,13 +41,10 @@ class SpikeGuard:
 
     Args:
         model, optimizer, scheduler: the live training objects (scheduler optional);
-            ``optimizer`` and ``scheduler`` may be lists (several optimizers: Muon +
-            AdamW, a GAN's two). The LR reported and cut applies to all; the LR in
-            records is the first optimizer's.
-        scaler: an fp16 ``torch.amp.GradScaler``: the guard steps the optimizers through
-            it, keeps its state in snapshots and checkpoints, and counts its overflow
-            back-offs (``stats["scaler_backoffs"]``) instead of treating them as
-            non-finite steps, until the scale collapses (`core.updates`).
+            ``optimizer`` and ``scheduler`` may be lists, stepped together.
+        scaler: an fp16 ``torch.amp.GradScaler`` the guard steps through; its overflow
+            back-offs count in ``stats["scaler_backoffs"]``, not as incidents, until the
+            scale collapses (`core.updates`).
         run_id: the run's name in incidents and metrics.
         config: detection and policy settings (`MonitorConfig`).
         snapshot_every: take an in-memory snapshot every this many optimizer steps.
@@ -65,11 +57,9 @@ class SpikeGuard:
             start and sends operators' commands back (applied at a step boundary, on
             every rank). Under torch.distributed only rank 0 talks to it.
         token: the service's bearer token (default: ``$SPIKEWATCH_TOKEN``).
-        checkpoint_dir / checkpoint_every: also write verified disk checkpoints
-            (``spikewatch-latest``, and ``spikewatch-good``: the last one taken before
-            an open incident, never overwritten inside it). A rollback the ring cannot
-            reach back for restores the newest of them at or before its target
-            (`state.deep`), e.g. after a restart inside an incident.
+        checkpoint_dir / checkpoint_every: also write verified disk checkpoints, kept
+            as "latest" and "good" (before an open incident) and used by a rollback the
+            ring cannot reach back for (`state.deep`).
         margin: shortcut for ``config.policy.margin`` (roll back at least this many steps
             before the onset).
         distributed: decide in lockstep across the ranks of ``torch.distributed`` (one
@@ -189,11 +179,17 @@ class SpikeGuard:
             yield batch
 
     def accept(self, position: int) -> bool:
-        """Whether to train on the batch at data ``position``, for loops that do not
-        iterate `batches` (Lightning's manual optimization: see the README). False when
-        the run halted or the position is in the skip ledger (counted in
-        ``stats["skipped_batches"]``); True otherwise, and the step that follows is
-        recorded at that position."""
+        """Whether to train on the batch at data ``position`` (for loops that do not
+        iterate `batches`: Lightning's manual optimization, see the README). False when
+        halted or in the skip ledger (counted); True records the next step there.
+
+        Example:
+            >>> model = nn.Linear(2, 1)
+            >>> guard = SpikeGuard(model, torch.optim.SGD(model.parameters(), lr=0.1))
+            >>> _ = guard.ledger.add(3, 5, reason="bad data")
+            >>> [p for p in range(6) if guard.accept(p)], guard.stats["skipped_batches"]
+            ([0, 1, 2, 5], 2)
+        """
         engine = self.engine
         if engine.halted:
             return False

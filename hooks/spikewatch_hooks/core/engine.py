@@ -21,7 +21,7 @@ from spikewatch.settings import MonitorConfig
 from spikewatch.transport import Transport
 from spikewatch_hooks.core.approval import Approvals
 from spikewatch_hooks.core.commands import CommandDesk
-from spikewatch_hooks.core.restore import rollback_source
+from spikewatch_hooks.core.restore import roll_back
 from spikewatch_hooks.core.updates import Updates
 from spikewatch_hooks.core.values import Number, ValuePipe
 from spikewatch_hooks.distributed.lockstep import Lockstep
@@ -210,40 +210,9 @@ class GuardEngine:
     # -- actions ------------------------------------------------------------------------
     def rollback(self, decision: Decision) -> None:
         """Restore the newest snapshot at or before the target (the newest disk
-        checkpoint at or before it when the ring does not reach back: `core.restore`);
-        skip the batches consumed since."""
-        target = decision.rollback_before_step or 0
-        consumed_to, from_step = self.position + 1, self.step_count
-        self.updates.settle_scaler()
-        point = rollback_source(self, target)
-        self.transport.rewind(point.detector_state)
-        self._scale_lr(decision.lr_factor / point.lr_scale)
-        self.lr_scale = decision.lr_factor
-        why = f"rollback at step {from_step}: {decision.reason}"
-        wasted = self.ledger.add(point.data_position, consumed_to, reason=why)
-        self.ledger.add(consumed_to, consumed_to + decision.skip_ahead, reason=why + " (ahead)")
-        self.stats["rollbacks"] += 1
-        where = self._attribution(decision)
-        self.stats["skipped_batches"] += wasted  # the ones ahead count when passed over
-        if self.reporting:
-            log.warning(
-                "spikewatch: rolled back from step %d to step %d (%s), skipping batches "
-                "[%d, %d), lr x%g: %s%s",
-                from_step,
-                point.step,
-                point.source,
-                point.data_position,
-                consumed_to + decision.skip_ahead,
-                decision.lr_factor,
-                decision.reason,
-                where,
-            )
-        self.step_count = point.step
-        self.approvals.applied()
-        self.values.clear()
-        if self.lockstep is not None:
-            self.lockstep.clear()
-        self.clear_found_inf()
+        checkpoint at or before it when the ring does not reach back); skip the batches
+        consumed since (`core.restore.roll_back`)."""
+        roll_back(self, decision)
 
     def halt(self, reason: str) -> None:
         """Stop the run, saying why and what to try."""
@@ -359,10 +328,7 @@ class GuardEngine:
             self.model, self.optimizers, self.schedulers, keep=keep, extras=self.updates.extras
         )
 
-    def _scale_lr(self, factor: float) -> None:
-        self.updates.scale_lr(factor)
-
-    def _attribution(self, decision: Decision) -> str:
+    def attribution(self, decision: Decision) -> str:
         """Under torch.distributed: which rank(s) saw the trouble at its onset."""
         if self.lockstep is None or decision.signal is None:
             return ""

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from spikewatch_hooks.state.checkpoint import CheckpointError
 
 if TYPE_CHECKING:  # the engine calls this module: no import back up at run time
+    from spikewatch.records import Decision
     from spikewatch_hooks.core.engine import GuardEngine
 
 log = logging.getLogger("spikewatch_hooks")
@@ -35,6 +36,43 @@ class RestorePoint:
     detector_state: dict[str, Any]
     lr_scale: float
     source: str
+
+
+def roll_back(engine: GuardEngine, decision: Decision) -> None:
+    """Restore the state for ``decision`` (`rollback_source`), cut the LR as it says,
+    put the batches consumed since (and ``skip_ahead`` more) in the ledger, and log it."""
+    target = decision.rollback_before_step or 0
+    consumed_to, from_step = engine.position + 1, engine.step_count
+    engine.updates.settle_scaler()
+    point = rollback_source(engine, target)
+    engine.transport.rewind(point.detector_state)
+    engine.updates.scale_lr(decision.lr_factor / point.lr_scale)
+    engine.lr_scale = decision.lr_factor
+    why = f"rollback at step {from_step}: {decision.reason}"
+    wasted = engine.ledger.add(point.data_position, consumed_to, reason=why)
+    engine.ledger.add(consumed_to, consumed_to + decision.skip_ahead, reason=why + " (ahead)")
+    engine.count("rollbacks")
+    where = engine.attribution(decision)
+    engine.count("skipped_batches", wasted)  # the ones ahead count when passed over
+    if engine.reporting:
+        log.warning(
+            "spikewatch: rolled back from step %d to step %d (%s), skipping batches "
+            "[%d, %d), lr x%g: %s%s",
+            from_step,
+            point.step,
+            point.source,
+            point.data_position,
+            consumed_to + decision.skip_ahead,
+            decision.lr_factor,
+            decision.reason,
+            where,
+        )
+    engine.step_count = point.step
+    engine.approvals.applied()
+    engine.values.clear()
+    if engine.lockstep is not None:
+        engine.lockstep.clear()
+    engine.clear_found_inf()
 
 
 def rollback_source(engine: GuardEngine, target: int) -> RestorePoint:
