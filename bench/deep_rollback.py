@@ -46,7 +46,8 @@ def measure(size: Size, folder: Path, rounds: int) -> dict[str, float]:
     engine.step_count = 5
     assert engine.disk is not None
     engine.disk.save_auto(engine)  # the disk holds step 5
-    ring_ms, disk_ms = [], []
+    ring_ms: list[float] = []
+    disk_ms: list[float] = []
     for _ in range(rounds):
         for target, out in ((10, ring_ms), (7, disk_ms)):
             if target == 10 and engine.ring.steps != [10]:
