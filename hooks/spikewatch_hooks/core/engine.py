@@ -293,6 +293,7 @@ class GuardEngine:
         self.lr_scale = float(guard["lr_scale"])
         self.stats = Counter(guard["stats"])
         self.ring = self._new_ring(self.ring.keep)
+        self.approvals.ring = self.ring  # a pinned step of the old ring means nothing now
         self._snapshot(next_position=self.position + 1)
 
     def checkpoint_payload(self) -> dict[str, Any]:
