@@ -19,7 +19,7 @@ from spikewatch_hooks.guard import SpikeGuard
 from spikewatch_hooks.state.snapshots import SnapshotRing
 
 
-def _setup() -> tuple[torch.nn.Module, list[torch.optim.Optimizer], list[Any]]:
+def _setup() -> tuple[torch.nn.Sequential, list[torch.optim.Optimizer], list[Any]]:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
     first = torch.optim.AdamW(model[0].parameters(), lr=0.02)
@@ -179,3 +179,17 @@ def test_wrong_lists_fail_at_construction(kwargs: dict[str, Any], message: str) 
     model, opts, _ = _setup()
     with pytest.raises(ConfigError, match=message):
         SpikeGuard(model, **{"optimizer": opts, **kwargs})
+
+
+def test_a_dcp_folder_with_other_schedulers_is_refused_before_anything_loads(
+    tmp_path: Path,
+) -> None:
+    model, opts, scheds = _setup()
+    (tmp_path / "ckpt").mkdir()
+    SpikeGuard(model, optimizer=opts, scheduler=scheds).save_checkpoint(tmp_path / "ckpt")
+    model2, opts2, scheds2 = _setup()
+    torch.nn.init.zeros_(model2[0].weight)
+    guard = SpikeGuard(model2, optimizer=opts2, scheduler=scheds2[0])
+    with pytest.raises(Exception, match=r"holds 2 scheduler\(s\), the guard has 1; pass the same"):
+        guard.resume(tmp_path / "ckpt")
+    assert not model2[0].weight.any()  # untouched

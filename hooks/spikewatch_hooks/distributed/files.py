@@ -108,16 +108,24 @@ def small_states(engine: GuardEngine) -> Any:
     return {"format": _SMALL, "schedulers": schedulers, "extras": extras}
 
 
+def check_small_states(engine: GuardEngine, saved: Any) -> None:
+    """Raise `CheckpointError` if ``saved`` holds another number of schedulers than the
+    engine has (checked before any live object is touched)."""
+    tagged = isinstance(saved, dict) and saved.get("format") == _SMALL
+    count = len(saved["schedulers"]) if tagged else 1
+    if engine.schedulers and count != len(engine.schedulers):
+        raise CheckpointError(
+            f"the checkpoint holds {count} scheduler(s), the guard has "
+            f"{len(engine.schedulers)}; pass the same schedulers, in the same order"
+        )
+
+
 def load_small_states(engine: GuardEngine, saved: Any) -> None:
     """Load what `small_states` wrote (either shape) into the live objects."""
+    check_small_states(engine, saved)
     tagged = isinstance(saved, dict) and saved.get("format") == _SMALL
     schedulers = saved["schedulers"] if tagged else [saved]
     extras = saved["extras"] if tagged else {}
-    if engine.schedulers and len(schedulers) != len(engine.schedulers):
-        raise CheckpointError(
-            f"the checkpoint holds {len(schedulers)} scheduler(s), the guard has "
-            f"{len(engine.schedulers)}; pass the same schedulers, in the same order"
-        )
     for scheduler, state in zip(engine.schedulers, schedulers, strict=False):
         scheduler.load_state_dict(state)
     for name, obj in engine.updates.extras.items():

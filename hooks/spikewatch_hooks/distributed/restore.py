@@ -30,7 +30,12 @@ from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.tensor import DTensor
 
 from spikewatch_hooks.distributed.collective import dcp_call, group_of, together
-from spikewatch_hooks.distributed.files import load_small_states, read_header, read_verified
+from spikewatch_hooks.distributed.files import (
+    check_small_states,
+    load_small_states,
+    read_header,
+    read_verified,
+)
 from spikewatch_hooks.distributed.manifest import GUARD_FILE, share, verify
 from spikewatch_hooks.state.rng import set_rng_state
 
@@ -64,6 +69,7 @@ def _read_small(
     scheduler = None
     if (engine.schedulers or engine.updates.extras) and "scheduler.pt" in files:
         scheduler = read_verified(source / "scheduler.pt", files["scheduler.pt"])
+        check_small_states(engine, scheduler)  # before any live object is touched
     own = f"rng-rank{rank}.pt"
     name = own if own in files else "rng-rank0.pt"
     rng = read_verified(source / name, files[name])
