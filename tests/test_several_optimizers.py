@@ -188,8 +188,10 @@ def test_a_dcp_folder_with_other_schedulers_is_refused_before_anything_loads(
     (tmp_path / "ckpt").mkdir()
     SpikeGuard(model, optimizer=opts, scheduler=scheds).save_checkpoint(tmp_path / "ckpt")
     model2, opts2, scheds2 = _setup()
-    torch.nn.init.zeros_(model2[0].weight)
+    first = model2[0]
+    assert isinstance(first, torch.nn.Linear)
+    torch.nn.init.zeros_(first.weight)
     guard = SpikeGuard(model2, optimizer=opts2, scheduler=scheds2[0])
     with pytest.raises(Exception, match=r"holds 2 scheduler\(s\), the guard has 1; pass the same"):
         guard.resume(tmp_path / "ckpt")
-    assert not model2[0].weight.any()  # untouched
+    assert not first.weight.any()  # untouched
