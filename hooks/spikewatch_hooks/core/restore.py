@@ -50,7 +50,10 @@ def roll_back(engine: GuardEngine, decision: Decision) -> None:
     engine.lr_scale = decision.lr_factor
     why = f"rollback at step {from_step}: {decision.reason}"
     wasted = engine.ledger.add(point.data_position, consumed_to, reason=why)
-    engine.ledger.add(consumed_to, consumed_to + decision.skip_ahead, reason=why + " (ahead)")
+    # skip_ahead counts optimizer steps; the ledger, loader batches (main's accumulation
+    # support sets batches_per_step on the engine; 1 batch per step without it).
+    ahead = decision.skip_ahead * int(getattr(engine, "batches_per_step", 1))
+    engine.ledger.add(consumed_to, consumed_to + ahead, reason=why + " (ahead)")
     engine.count("rollbacks")
     where = engine.attribution(decision)
     engine.count("skipped_batches", wasted)  # the ones ahead count when passed over
@@ -62,7 +65,7 @@ def roll_back(engine: GuardEngine, decision: Decision) -> None:
             point.step,
             point.source,
             point.data_position,
-            consumed_to + decision.skip_ahead,
+            consumed_to + ahead,
             decision.lr_factor,
             decision.reason,
             where,
