@@ -22,12 +22,12 @@ from spikewatch.transport import Transport
 from spikewatch_hooks.core.approval import Approvals
 from spikewatch_hooks.core.commands import CommandDesk
 from spikewatch_hooks.core.restore import roll_back
-from spikewatch_hooks.core.updates import Updates
+from spikewatch_hooks.core.updates import Updates, as_list
 from spikewatch_hooks.core.values import Number, ValuePipe
 from spikewatch_hooks.distributed.lockstep import Lockstep
 from spikewatch_hooks.state import payload
 from spikewatch_hooks.state.ledger import SkipLedger
-from spikewatch_hooks.state.snapshots import Snapshot, SnapshotRing, as_list
+from spikewatch_hooks.state.snapshots import Snapshot, SnapshotRing
 
 log = logging.getLogger("spikewatch_hooks")
 

@@ -166,3 +166,17 @@ class Updates:
         for opt in self.optimizers:
             if getattr(opt, "found_inf", None) is not None:
                 opt.found_inf = None  # type: ignore[attr-defined]
+
+
+def as_list(value: Any) -> list[Any]:
+    """None -> [], one object -> [it], a list or tuple -> a list of its items.
+
+    Example:
+        >>> as_list(None), as_list(3), as_list((1, 2))
+        ([], [3], [1, 2])
+    """
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value]

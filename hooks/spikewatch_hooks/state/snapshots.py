@@ -77,8 +77,8 @@ class SnapshotRing:
         extras: Mapping[str, Any] | None = None,
     ) -> None:
         self.model = model
-        self.optimizers = as_list(optimizer)
-        self.schedulers = as_list(scheduler)
+        self.optimizers = _as_list(optimizer)
+        self.schedulers = _as_list(scheduler)
         self.extras = dict(extras or {})
         self.keep = keep
         #: A snapshot step kept whatever comes after (a rollback waiting for approval).
@@ -187,20 +187,6 @@ class SnapshotRing:
             group.update(copy.deepcopy(saved_group))
 
 
-def as_list(value: Any) -> list[Any]:
-    """None -> [], one object -> [it], a list or tuple -> a list of its items.
-
-    Example:
-        >>> as_list(None), as_list(3), as_list((1, 2))
-        ([], [3], [1, 2])
-    """
-    if value is None:
-        return []
-    if isinstance(value, (list, tuple)):
-        return list(value)
-    return [value]
-
-
 def _copy_into(buffers: dict[str, Any], source: dict[str, Any]) -> None:
     """Copy ``source`` into ``buffers``, allocating (pinned) CPU buffers on first use."""
     for key, value in source.items():
@@ -240,3 +226,10 @@ def _record_event(buffers: dict[str, torch.Tensor]) -> torch.cuda.Event | None:
         event.record()
         return event
     return None
+
+
+def _as_list(value: Any) -> list[Any]:
+    """None -> [], one object -> [it], a list or tuple -> a list of its items."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
