@@ -155,14 +155,24 @@ def test_a_checkpoint_with_other_optimizers_is_refused_with_the_fix(tmp_path: Pa
 def test_the_ring_takes_a_list_of_optimizers_and_extras() -> None:
     model, opts, scheds = _setup()
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    ring = SnapshotRing(model, opts, scheds, keep=2, extras={"scaler": scaler})
-    snap = ring.take(step=0, data_position=0)
-    assert len(snap.optimizer_state) == 4 and len(snap.optimizer_groups) == 2
-    assert snap.extras["scaler"]["scale"] == 1024.0
     scaler.scale(torch.ones(()))  # the scale tensor exists from the first scale()
+    for x in _data(3):
+        _loss(model, x).backward()
+        for opt, sched in zip(opts, scheds, strict=True):
+            opt.step()
+            sched.step()
+    ring = SnapshotRing(model, opts, scheds, keep=2, extras={"scaler": scaler})
+    snap = ring.take(step=3, data_position=3)
+    before = _state(model, opts, scheds)
+    for x in _data(2):
+        _loss(model, x).backward()
+        for opt, sched in zip(opts, scheds, strict=True):
+            opt.step()
+            sched.step()
     scaler.update(new_scale=8.0)
-    assert scaler.get_scale() == 8.0
+    assert not _equal(_state(model, opts, scheds), before) and scaler.get_scale() == 8.0
     ring.restore(snap)
+    assert _equal(_state(model, opts, scheds), before)
     assert scaler.get_scale() == 1024.0
 
 
