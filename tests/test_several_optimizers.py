@@ -4,6 +4,7 @@ restored and checkpointed together (real training of a tiny model on CPU)."""
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -205,3 +206,15 @@ def test_a_dcp_folder_with_other_schedulers_is_refused_before_anything_loads(
     with pytest.raises(Exception, match=r"holds 2 scheduler\(s\), the guard has 1; pass the same"):
         guard.resume(tmp_path / "ckpt")
     assert not first.weight.any()  # untouched
+
+
+def test_a_left_out_optimizer_is_named_at_construction(caplog: pytest.LogCaptureFixture) -> None:
+    model, opts, _ = _setup()
+    with caplog.at_level(logging.WARNING, logger="spikewatch_hooks"):
+        SpikeGuard(model, optimizer=opts[0])
+    assert "2 trainable parameter(s) of the model are in no optimizer given" in caplog.text
+    assert "2.weight, 2.bias" in caplog.text and "optimizer=[o1, o2]" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="spikewatch_hooks"):
+        SpikeGuard(model, optimizer=opts)
+    assert "in no optimizer" not in caplog.text

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from spikewatch.errors import bad_value
+
+log = logging.getLogger("spikewatch_hooks")
 
 
 def check_components(
@@ -74,3 +78,30 @@ def check_updaters(optimizer: object, scheduler: object, scaler: object = None) 
     needed = ("scale", "unscale_", "step", "update", "state_dict", "load_state_dict")
     if scaler is not None and not all(callable(getattr(scaler, n, None)) for n in needed):
         raise bad_value("scaler", type(scaler).__name__, "pass a torch.amp.GradScaler, or None")
+
+
+def warn_uncovered(
+    model: nn.Module, optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer]
+) -> int:
+    """Warn when trainable parameters of ``model`` are in none of the optimizers given
+    (a second optimizer left out would be stepped by the user but never snapshotted);
+    return how many there are.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+        >>> warn_uncovered(model, torch.optim.SGD(model[0].parameters(), lr=0.1))
+        2
+    """
+    optimizers = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else list(optimizer)
+    covered = {id(p) for o in optimizers for g in o.param_groups for p in g["params"]}
+    left = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
+    if left:
+        log.warning(
+            "spikewatch: %d trainable parameter(s) of the model are in no optimizer given "
+            "to the guard (%s%s): their optimizer is neither snapshotted nor restored; pass "
+            "every optimizer (optimizer=[o1, o2]), or set requires_grad=False on frozen ones",
+            len(left),
+            ", ".join(left[:3]),
+            ", ..." if len(left) > 3 else "",
+        )
+    return len(left)

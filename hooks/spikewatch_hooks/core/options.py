@@ -19,7 +19,7 @@ from spikewatch.service_transport import Approval, ServiceTransport, config_from
 from spikewatch.settings import MonitorConfig
 from spikewatch.transport import EmbeddedTransport, Transport
 from spikewatch.validation import check_int, check_run_id
-from spikewatch_hooks.core.checks import check_components, check_updaters
+from spikewatch_hooks.core.checks import check_components, check_updaters, warn_uncovered
 from spikewatch_hooks.core.engine import GuardEngine
 from spikewatch_hooks.distributed.lockstep import Lockstep
 
@@ -150,6 +150,7 @@ class GuardOptions:
             checkpoint_every=0,
             checkpoint_dir=None,
         )
+        warn_uncovered(model, optimizer)
         transport = self.make_transport(lockstep)
         monitor = getattr(transport, "monitor", None)
         return GuardEngine(
