@@ -5,8 +5,10 @@ really overflows: with ``init_scale=2**30`` the first ~15 steps' gradients are i
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from spikewatch.monitor import Monitor
@@ -106,3 +108,21 @@ def test_a_collapsed_scale_becomes_an_incident() -> None:
     assert scaler.get_scale() < 1.0
     assert guard.stats["incidents"] >= 1
     assert guard.stats["skipped_steps"] + guard.stats["rollbacks"] + guard.stats["halted"] >= 1
+
+
+@pytest.mark.parametrize("folder", [False, True], ids=["file", "dcp-folder"])
+def test_the_scalers_state_is_in_checkpoints(tmp_path: Path, folder: bool) -> None:
+    model, opt, scaler = _setup()
+    guard = SpikeGuard(model, opt, scaler=scaler, snapshot_every=20)
+    _train(guard, model, opt, scaler, 30)  # the start-up back-off moved the scale
+    saved = scaler.state_dict()
+    assert saved["scale"] < 2.0**30
+    path = tmp_path / "ckpt"
+    if folder:
+        path.mkdir()
+    else:
+        path = path.with_suffix(".pt")
+    guard.save_checkpoint(path)
+    model2, opt2, scaler2 = _setup()
+    SpikeGuard(model2, opt2, scaler=scaler2).resume(path)
+    assert scaler2.state_dict() == saved
