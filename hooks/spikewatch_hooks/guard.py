@@ -7,13 +7,15 @@ for batch in guard.batches(loader):
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     guard.step(loss=loss, grad_norm=grad_norm)   # optimizer.step() unless skipped
     opt.zero_grad(set_to_none=True)
+
+Several optimizers and schedulers, and an fp16 GradScaler: see `core.updates`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,6 +32,7 @@ from spikewatch_hooks.core.options import GuardOptions
 from spikewatch_hooks.core.run_length import fit_to_run_length
 from spikewatch_hooks.distributed.lockstep import Lockstep
 from spikewatch_hooks.state.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from spikewatch_hooks.state.deep import DiskCheckpoints
 
 log = logging.getLogger(__name__)
 _B = TypeVar("_B")
@@ -39,7 +42,11 @@ class SpikeGuard:
     """Watches every step, skips bad updates, rolls back and skips bad batches.
 
     Args:
-        model, optimizer, scheduler: the live training objects (scheduler optional).
+        model, optimizer, scheduler: the live training objects (scheduler optional);
+            ``optimizer`` and ``scheduler`` may be lists, stepped together.
+        scaler: an fp16 ``torch.amp.GradScaler`` the guard steps through; its overflow
+            back-offs count in ``stats["scaler_backoffs"]``, not as incidents, until the
+            scale collapses (`core.updates`).
         run_id: the run's name in incidents and metrics.
         config: detection and policy settings (`MonitorConfig`).
         snapshot_every: take an in-memory snapshot every this many optimizer steps
@@ -53,7 +60,9 @@ class SpikeGuard:
             start and sends operators' commands back (applied at a step boundary, on
             every rank). Under torch.distributed only rank 0 talks to it.
         token: the service's bearer token (default: ``$SPIKEWATCH_TOKEN``).
-        checkpoint_dir / checkpoint_every: also write verified disk checkpoints.
+        checkpoint_dir / checkpoint_every: also write verified disk checkpoints, kept
+            as "latest" and "good" (before an open incident) and used by a rollback the
+            ring cannot reach back for (`state.deep`).
         margin: shortcut for ``config.policy.margin`` (roll back at least this many steps
             before the onset).
         distributed: decide in lockstep across the ranks of ``torch.distributed`` (one
@@ -103,9 +112,10 @@ class SpikeGuard:
     def __init__(
         self,
         model: nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
         scheduler: Any = None,
         *,
+        scaler: Any = None,
         run_id: str = "run",
         config: MonitorConfig | None = None,
         snapshot_every: int | None = None,
@@ -156,8 +166,15 @@ class SpikeGuard:
         # Built before init_process_group (distributed=None): join the lockstep at the
         # first step, or ranks would decide alone and deadlock at their next collective.
         self.engine = self.options.engine(
-            model, optimizer, scheduler, lockstep=lockstep, adopt_lockstep=distributed is None
+            model,
+            optimizer,
+            scheduler,
+            scaler=scaler,
+            lockstep=lockstep,
+            adopt_lockstep=distributed is None,
         )
+        if checkpoint_dir is not None:
+            self.engine.disk = DiskCheckpoints(checkpoint_dir)
         self.config = self.engine.config
         self.transport = self.engine.transport
         self.checkpoint_dir = checkpoint_dir
@@ -195,6 +212,28 @@ class SpikeGuard:
             engine.position = position
             self.accumulation.yielded += 1
             yield batch
+
+    def accept(self, position: int) -> bool:
+        """Whether to train on the batch at data ``position`` (for loops that do not
+        iterate `batches`: Lightning's manual optimization, see the README). False when
+        halted or in the skip ledger (counted); True records the next step there.
+
+        Example:
+            >>> model = nn.Linear(2, 1)
+            >>> guard = SpikeGuard(model, torch.optim.SGD(model.parameters(), lr=0.1))
+            >>> _ = guard.ledger.add(3, 5, reason="bad data")
+            >>> [p for p in range(6) if guard.accept(p)], guard.stats["skipped_batches"]
+            ([0, 1, 2, 5], 2)
+        """
+        engine = self.engine
+        if engine.halted:
+            return False
+        if position in engine.ledger:
+            engine.count("skipped_batches")
+            return False
+        engine.position = position
+        self.accumulation.yielded += 1  # as `batches` counts: batches per optimizer step
+        return True
 
     def step(
         self,
@@ -282,15 +321,15 @@ class SpikeGuard:
             self.engine.load_checkpoint_payload(payload)
             guard = payload["guard"]
         self._resume_position = int(guard["next_position"])
+        self.engine.count("resumes")
 
     def _auto_checkpoint(self) -> None:
         """Write ``spikewatch-latest.pt`` (one process) or the ``spikewatch-latest``
-        folder (distributed: written in the background; the next save waits for it).
+        folder (distributed: written in the background; the next save waits for it),
+        keeping the one before an open incident as ``spikewatch-good`` (`state.deep`).
         A failed write is counted and logged; training goes on."""
-        assert self.checkpoint_dir is not None  # checked at construction
-        distributed = self.engine.lockstep is not None
-        name = "spikewatch-latest" if distributed else "spikewatch-latest.pt"
-        path = os.path.join(os.fspath(self.checkpoint_dir), name)
+        assert self.engine.disk is not None  # checked at construction
+        path = self.engine.disk.paths(self.engine)[0]
 
         def report(done: Future[Path]) -> None:  # on the background writer's thread
             if done.exception() is not None:
@@ -300,12 +339,9 @@ class SpikeGuard:
                 )
 
         try:
-            if distributed:
-                from spikewatch_hooks.distributed.checkpoint import save_distributed  # noqa: PLC0415
-
-                save_distributed(self.engine, path, async_save=True).add_done_callback(report)
-            else:
-                self.save_checkpoint(path)
+            pending = self.engine.disk.save_auto(self.engine)
+            if pending is not None:
+                pending.add_done_callback(report)
         except (OSError, CheckpointError):
             self.engine.count("checkpoint_failures")
             log.exception("spikewatch could not write %s; training continues", path)

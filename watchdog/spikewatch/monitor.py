@@ -72,6 +72,22 @@ class Monitor:
         """Every incident so far, in the order they opened."""
         return list(self._incidents.values())
 
+    @property
+    def undecided(self) -> bool:
+        """True while a channel holds a candidate waiting for confirmation: an incident
+        is open and its decision not taken yet (read-only).
+
+        Example:
+            >>> mon = Monitor(run="r")
+            >>> for step in range(60):
+            ...     _ = mon.observe(StepRecord(run="r", step=step, loss=1.0 + 0.01 * (step % 3)))
+            >>> before = mon.undecided
+            >>> _ = mon.observe(StepRecord(run="r", step=60, loss=50.0))
+            >>> before, mon.undecided
+            (False, True)
+        """
+        return self.loss.pending() is not None or self.grad_norm.pending() is not None
+
     def incident(self, incident_id: str) -> Incident | None:
         """The incident with this id, if any."""
         return self._incidents.get(incident_id)

@@ -28,7 +28,10 @@ def check_setup(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
             "automatic_optimization",
             False,
             "SpikewatchCallback needs automatic optimization; with manual optimization "
-            "call spikewatch_hooks.SpikeGuard.step() inside training_step instead",
+            "(one or several optimizers) build a spikewatch_hooks.SpikeGuard on "
+            "list(self.optimizers()) in on_train_start and call guard.accept(position) "
+            "and guard.step(loss, grad_norm) in training_step: see the README section "
+            "'Lightning: manual optimization'",
         )
     # Lightning itself allows one optimizer only with automatic optimization.
     if len(trainer.lr_scheduler_configs) > 1:

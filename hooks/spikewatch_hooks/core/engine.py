@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -20,25 +21,34 @@ from spikewatch.settings import MonitorConfig
 from spikewatch.transport import Transport
 from spikewatch_hooks.core.approval import Approvals
 from spikewatch_hooks.core.commands import CommandDesk
+from spikewatch_hooks.core.restore import roll_back
+from spikewatch_hooks.core.updates import Updates, as_list
 from spikewatch_hooks.core.values import Number, ValuePipe
 from spikewatch_hooks.distributed.local_values import plain_value
 from spikewatch_hooks.distributed.lockstep import Lockstep
+from spikewatch_hooks.state import payload
 from spikewatch_hooks.state.ledger import SkipLedger
-from spikewatch_hooks.state.rng import rng_state, set_rng_state
 from spikewatch_hooks.state.snapshots import Snapshot, SnapshotRing
 
 log = logging.getLogger("spikewatch_hooks")
 
 
 class GuardEngine:
-    """Turns (loss, grad norm) per step into skips, rollbacks and halts."""
+    """Turns (loss, grad norm) per step into skips, rollbacks and halts.
+
+    ``optimizer`` and ``scheduler`` may be one object or a sequence (`Updates`); the
+    engine's ``optimizer``/``scheduler`` are the first ones, ``optimizers``/``schedulers``
+    all of them. ``scaler``: a GradScaler stepped with them and kept in every snapshot.
+    ``disk``: the guard's disk checkpoints, the deep path of a rollback (`core.restore`).
+    """
 
     def __init__(
         self,
         model: nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
         scheduler: Any,
         *,
+        scaler: Any = None,
         transport: Transport,
         config: MonitorConfig,
         snapshot_every: int,
@@ -49,7 +59,12 @@ class GuardEngine:
         adopt_lockstep: bool = False,
         ring_options: dict[str, Any] | None = None,
     ) -> None:
-        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.model = model
+        self.updates = Updates(as_list(optimizer), as_list(scheduler), scaler)
+        self.optimizers, self.schedulers = self.updates.optimizers, self.updates.schedulers
+        self.optimizer = self.optimizers[0]
+        self.scheduler: Any = self.schedulers[0] if self.schedulers else None
+        self.disk: Any = None  # state.deep.DiskCheckpoints, set by SpikeGuard
         self.transport, self.config, self.run_id = transport, config, run_id
         self.snapshot_every = snapshot_every
         self.monitor_every = monitor_every
@@ -58,10 +73,8 @@ class GuardEngine:
         self.reporting = lockstep is None or lockstep.rank == 0
         self.last_incident_ranks = ""
         self._skip_threshold = math.inf
-        self.ring = SnapshotRing(
-            model, optimizer, scheduler, keep=keep_snapshots,
-            group=None if lockstep is None else lockstep.group, **(ring_options or {}),
-        )  # fmt: skip
+        self._ring_options = dict(ring_options or {})
+        self.ring = self._new_ring(keep_snapshots)
         self.ledger = SkipLedger()
         self.values = ValuePipe()
         self.stats: Counter[str] = Counter()
@@ -90,11 +103,8 @@ class GuardEngine:
             return decision
         if outcome == "skip":
             self.count("skipped_steps")
-        else:
-            self.optimizer.step()
+        self.updates.step(skip=outcome == "skip")
         self.clear_found_inf()
-        if self.scheduler is not None:
-            self.scheduler.step()  # the schedule keeps its pace through skipped updates
         self.finish_step()
         return decision
 
@@ -109,10 +119,13 @@ class GuardEngine:
             self._join_lockstep()
         if data_position is not None:
             self.position = data_position
-        lr = self._lr()
+        if self.updates.scaler_backoff(loss):
+            self.count("scaler_backoffs")
+            grad_norm = None  # the scaler's own back-off: not a non-finite grad for the monitor
+        lr = self.updates.lr()
         if self.lockstep is not None:
             self.lockstep.stage(self.step_count, self.position, lr, loss, grad_norm)
-        self._device_skip(loss, grad_norm)
+        self.updates.device_skip(loss, grad_norm, global_only=self.lockstep is not None)
         self.values.push(self.step_count, self.position, lr, loss, grad_norm)
         # Records go to the monitor in batches (one hand-off per monitor_every steps costs
         # far less than one per step); a suspicious step is handed over at once, so its
@@ -203,51 +216,14 @@ class GuardEngine:
 
     # -- actions ------------------------------------------------------------------------
     def rollback(self, decision: Decision) -> None:
-        """Restore the newest snapshot at or before the target; skip the batches since."""
-        target = decision.rollback_before_step or 0
-        snap = self.ring.newest_at_or_before(target)
-        if snap is None:
-            snap = self.ring.oldest()
-            log.warning(  # every rank: a ring too short is worth seeing everywhere
-                "spikewatch: no snapshot at or before step %d; using step %s "
-                "(raise keep_snapshots to reach further back)",
-                target,
-                None if snap is None else snap.step,
-            )
-        assert snap is not None  # a snapshot is taken at construction
-        consumed_to = self.position + 1
-        self.ring.restore(snap)
-        self.transport.rewind(snap.extra["detector_state"])
-        self._scale_lr(decision.lr_factor / float(snap.extra["lr_scale"]))
-        self.lr_scale = decision.lr_factor
-        why = f"rollback at step {self.step_count}: {decision.reason}"
-        wasted = self.ledger.add(snap.data_position, consumed_to, reason=why)
-        ahead = decision.skip_ahead * self.batches_per_step
-        self.ledger.add(consumed_to, consumed_to + ahead, reason=why + " (ahead)")
-        self.stats["rollbacks"] += 1
-        where = self._attribution(decision)
-        self.stats["skipped_batches"] += wasted  # the ones ahead count when passed over
-        if self.reporting:
-            log.warning(
-                "spikewatch: rolled back from step %d to step %d, skipping batches "
-                "[%d, %d), lr x%g: %s%s",
-                self.step_count,
-                snap.step,
-                snap.data_position,
-                consumed_to + ahead,
-                decision.lr_factor,
-                decision.reason,
-                where,
-            )
-        self.step_count = snap.step
-        self.approvals.applied()
-        self.values.clear()
-        if self.lockstep is not None:
-            self.lockstep.clear()
-        self.clear_found_inf()
+        """Restore the newest snapshot at or before the target (the newest disk
+        checkpoint at or before it when the ring does not reach back); skip the batches
+        consumed since (`core.restore.roll_back`)."""
+        roll_back(self, decision)
 
     def halt(self, reason: str) -> None:
         """Stop the run, saying why and what to try."""
+        self.updates.settle_scaler()
         self.halted, self.halt_reason = True, reason
         self.stats["halted"] = 1
         if not self.reporting:
@@ -328,23 +304,13 @@ class GuardEngine:
         self._snapshot(next_position=self.position + 1)
 
     def checkpoint_payload(self) -> dict[str, Any]:
-        """Everything a restart needs, for `save_checkpoint`."""
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
-            "rng": rng_state(),
-            "guard": self.guard_state(),
-        }
+        """Everything a restart needs, for `save_checkpoint` (`state.payload`)."""
+        return {**payload.training_payload(self), "guard": self.guard_state()}
 
-    def load_checkpoint_payload(self, payload: dict[str, Any]) -> None:
+    def load_checkpoint_payload(self, saved: dict[str, Any]) -> None:
         """Load what `checkpoint_payload` saved into the live objects."""
-        self.model.load_state_dict(payload["model"])
-        self.optimizer.load_state_dict(payload["optimizer"])
-        if self.scheduler is not None and payload["scheduler"] is not None:
-            self.scheduler.load_state_dict(payload["scheduler"])
-        set_rng_state(payload["rng"])
-        self.load_guard_state(payload["guard"])
+        payload.load_training_payload(self, saved)
+        self.load_guard_state(saved["guard"])
 
     def count(self, name: str, n: int = 1) -> None:
         """Add to a counter of ``stats`` (skipped_steps, skipped_batches, late_skips, ...)."""
@@ -365,40 +331,14 @@ class GuardEngine:
             restorable(self.ring.steps)
         return snap
 
-    def _lr(self) -> float | None:
-        lr = self.optimizer.param_groups[0].get("lr")
-        return float(lr) if isinstance(lr, (int, float)) else None
+    def _new_ring(self, keep: int) -> SnapshotRing:
+        return SnapshotRing(
+            self.model, self.optimizers, self.schedulers, keep=keep, extras=self.updates.extras,
+            group=None if self.lockstep is None else self.lockstep.group,
+            **self._ring_options,
+        )  # fmt: skip
 
-    def _scale_lr(self, factor: float) -> None:
-        if factor == 1.0:
-            return
-        for group in self.optimizer.param_groups:
-            group["lr"] = group["lr"] * factor
-        base = getattr(self.scheduler, "base_lrs", None)
-        if isinstance(base, list):
-            self.scheduler.base_lrs = [b * factor for b in base]
-
-    def _device_skip(self, loss: Number, grad_norm: Number | None) -> None:
-        """On a GPU with a fused optimizer, skip a non-finite update on the device itself.
-
-        A fused Adam/AdamW/SGD skips its update when ``found_inf`` is 1 (the GradScaler
-        path), so the decision needs no host sync. Other optimizers on a GPU get the
-        decision one step late; on the CPU the values are read at once.
-        """
-        if not (isinstance(loss, torch.Tensor) and loss.is_cuda):
-            return
-        if not getattr(self.optimizer, "_step_supports_amp_scaling", False):
-            return
-        # Under lockstep the local loss differs by rank and only the grad norm is global.
-        checked = [grad_norm] if self.lockstep is not None else [loss, grad_norm]
-        values = [x.detach().float().reshape(()) for x in checked if isinstance(x, torch.Tensor)]
-        if not values:
-            return
-        bad = ~torch.isfinite(torch.stack(values)).all()
-        self.optimizer.found_inf = bad.float().reshape(())  # type: ignore[attr-defined]
-        self.optimizer.grad_scale = None  # type: ignore[attr-defined]
-
-    def _attribution(self, decision: Decision) -> str:
+    def attribution(self, decision: Decision) -> str:
         """Under torch.distributed: which rank(s) saw the trouble at its onset."""
         if self.lockstep is None or decision.signal is None:
             return ""
@@ -407,6 +347,5 @@ class GuardEngine:
         return f" [{where}]"
 
     def clear_found_inf(self) -> None:
-        """Drop the on-device skip flag once the optimizer has stepped (or been skipped)."""
-        if getattr(self.optimizer, "found_inf", None) is not None:
-            self.optimizer.found_inf = None  # type: ignore[attr-defined]
+        """Drop the on-device skip flags once the optimizers stepped (or were skipped)."""
+        self.updates.clear_found_inf()

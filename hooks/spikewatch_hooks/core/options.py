@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import urllib.parse
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -18,7 +19,12 @@ from spikewatch.service_transport import Approval, ServiceTransport, config_from
 from spikewatch.settings import MonitorConfig
 from spikewatch.transport import EmbeddedTransport, Transport
 from spikewatch.validation import check_int, check_run_id
-from spikewatch_hooks.core.checks import check_components, check_snapshot_options
+from spikewatch_hooks.core.checks import (
+    check_components,
+    check_snapshot_options,
+    check_updaters,
+    warn_uncovered,
+)
 from spikewatch_hooks.core.engine import GuardEngine
 from spikewatch_hooks.distributed.lockstep import Lockstep
 
@@ -143,13 +149,18 @@ class GuardOptions:
     def engine(
         self,
         model: nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
         scheduler: Any,
         *,
+        scaler: Any = None,
         lockstep: Lockstep | None = None,
         adopt_lockstep: bool = False,
     ) -> GuardEngine:
-        """Check the live training objects and build the engine (and transport) on them."""
+        """Check the live training objects and build the engine (and transport) on them.
+
+        ``optimizer`` and ``scheduler`` may be lists; ``scaler`` a GradScaler (`Updates`).
+        """
+        check_updaters(optimizer, scheduler, scaler)
         check_components(
             model=model,
             optimizer=optimizer,
@@ -159,12 +170,14 @@ class GuardOptions:
             checkpoint_every=0,
             checkpoint_dir=None,
         )
+        warn_uncovered(model, optimizer)
         transport = self.make_transport(lockstep)
         monitor = getattr(transport, "monitor", None)
         return GuardEngine(
             model,
             optimizer,
             scheduler,
+            scaler=scaler,
             transport=transport,
             config=self.config if monitor is None else monitor.config,
             snapshot_every=self.snapshot_every,

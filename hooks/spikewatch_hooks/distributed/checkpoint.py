@@ -4,7 +4,8 @@ A checkpoint is a folder::
 
     .metadata, __0_0.distcp, ...  model and optimizer (DCP: each rank writes its share)
     rng-rank0.pt, rng-rank1.pt    each rank's RNG states (``torch.save``)
-    scheduler.pt                  the LR scheduler's state (rank 0; identical on every rank)
+    scheduler.pt                  the LR schedulers' and GradScaler's state (rank 0;
+                                  identical on every rank; `files.small_states`)
     guard.json                    step, next data position, skip ledger, detector state,
                                   counters, lr scale, world size, the manifest (size
                                   and sha256 of every other file), and the sha256 of
@@ -61,7 +62,7 @@ from spikewatch_hooks.distributed.collective import (
     together,
     together_gathered,
 )
-from spikewatch_hooks.distributed.files import FORMAT, torch_bytes, write_header
+from spikewatch_hooks.distributed.files import FORMAT, small_states, torch_bytes, write_header
 from spikewatch_hooks.distributed.manifest import GUARD_FILE, complete, own_digests
 from spikewatch_hooks.distributed.restore import restore
 from spikewatch_hooks.state.checkpoint import CheckpointError, atomic_write, fsync_dir
@@ -243,7 +244,8 @@ def _commit(save: _Save, digests: dict[str, dict[str, Any]]) -> None:
 
 
 def _guard_header(engine: GuardEngine, world: int) -> dict[str, Any]:
-    scheduler = None if engine.scheduler is None else torch_bytes(engine.scheduler.state_dict())
+    states = small_states(engine)
+    scheduler = None if states is None else torch_bytes(states)
     body = {
         "format": FORMAT,
         "world_size": world,
@@ -261,18 +263,19 @@ def _discard(save: _Save) -> None:
         shutil.rmtree(save.staging, ignore_errors=True)
 
 
-def _state(engine: GuardEngine) -> tuple[dict[str, Any], bool]:
+def _state(engine: GuardEngine) -> tuple[dict[str, Any], list[bool]]:
     """Model and optimizer state by canonical names, and whether the optimizer was
     fresh: get_state_dict fills an empty state with zeros (and Adam a step count)."""
-    fresh = not engine.optimizer.state
-    model_sd, optim_sd = get_state_dict(engine.model, engine.optimizer)
+    fresh = [not o.state for o in engine.optimizers]
+    model_sd, optim_sd = get_state_dict(engine.model, tuple(engine.optimizers))
     return {"model": model_sd, "optimizer": optim_sd}, fresh
 
 
-def _forget_state(engine: GuardEngine, fresh: bool) -> None:
+def _forget_state(engine: GuardEngine, fresh: list[bool]) -> None:
     # Drop the zeros again so a save before the first step leaves training as it was.
-    if fresh:
-        engine.optimizer.state.clear()
+    for opt, was_fresh in zip(engine.optimizers, fresh, strict=True):
+        if was_fresh:
+            opt.state.clear()
 
 
 def _write_error(target: Path, exc: Exception) -> Exception:

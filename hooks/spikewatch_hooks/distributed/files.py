@@ -7,12 +7,15 @@ import io
 import json
 import pickle
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from spikewatch_hooks.distributed.manifest import GUARD_FILE
 from spikewatch_hooks.state.checkpoint import CheckpointError, atomic_write, sha256
+
+if TYPE_CHECKING:
+    from spikewatch_hooks.core.engine import GuardEngine
 
 # 2: guard.json holds a manifest (size and SHA-256 of every file); 1 had none.
 FORMAT = "spikewatch-dcp 2"
@@ -88,3 +91,43 @@ def torch_bytes(obj: Any) -> bytes:
 def canonical(body: Any) -> bytes:
     """``body`` as JSON in one spelling, so its digest does not depend on formatting."""
     return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+#: Tags ``scheduler.pt`` holding several schedulers and extras (one scheduler and no
+#: extras is its plain state dict, as written before there could be more).
+_SMALL = "spikewatch-small-states 2"
+
+
+def small_states(engine: GuardEngine) -> Any:
+    """What ``scheduler.pt`` holds: None, one scheduler's state dict, or (several
+    schedulers, or a GradScaler) a tagged mapping of them all."""
+    schedulers = [s.state_dict() for s in engine.schedulers]
+    extras = {k: v.state_dict() for k, v in engine.updates.extras.items()}
+    if not extras and len(schedulers) <= 1:
+        return schedulers[0] if schedulers else None
+    return {"format": _SMALL, "schedulers": schedulers, "extras": extras}
+
+
+def check_small_states(engine: GuardEngine, saved: Any) -> None:
+    """Raise `CheckpointError` if ``saved`` holds another number of schedulers than the
+    engine has (checked before any live object is touched)."""
+    tagged = isinstance(saved, dict) and saved.get("format") == _SMALL
+    count = len(saved["schedulers"]) if tagged else 1
+    if engine.schedulers and count != len(engine.schedulers):
+        raise CheckpointError(
+            f"the checkpoint holds {count} scheduler(s), the guard has "
+            f"{len(engine.schedulers)}; pass the same schedulers, in the same order"
+        )
+
+
+def load_small_states(engine: GuardEngine, saved: Any) -> None:
+    """Load what `small_states` wrote (either shape) into the live objects."""
+    check_small_states(engine, saved)
+    tagged = isinstance(saved, dict) and saved.get("format") == _SMALL
+    schedulers = saved["schedulers"] if tagged else [saved]
+    extras = saved["extras"] if tagged else {}
+    for scheduler, state in zip(engine.schedulers, schedulers, strict=False):
+        scheduler.load_state_dict(state)
+    for name, obj in engine.updates.extras.items():
+        if name in extras:
+            obj.load_state_dict(extras[name])

@@ -30,7 +30,12 @@ from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.tensor import DTensor
 
 from spikewatch_hooks.distributed.collective import dcp_call, group_of, together
-from spikewatch_hooks.distributed.files import read_header, read_verified
+from spikewatch_hooks.distributed.files import (
+    check_small_states,
+    load_small_states,
+    read_header,
+    read_verified,
+)
 from spikewatch_hooks.distributed.manifest import GUARD_FILE, share, verify
 from spikewatch_hooks.state.rng import set_rng_state
 
@@ -62,8 +67,9 @@ def _read_small(
     """The scheduler state (if both sides have one) and this rank's RNG state (rank 0's
     where this rank has none: more ranks than were saved)."""
     scheduler = None
-    if engine.scheduler is not None and "scheduler.pt" in files:
+    if (engine.schedulers or engine.updates.extras) and "scheduler.pt" in files:
         scheduler = read_verified(source / "scheduler.pt", files["scheduler.pt"])
+        check_small_states(engine, scheduler)  # before any live object is touched
     own = f"rng-rank{rank}.pt"
     name = own if own in files else "rng-rank0.pt"
     rng = read_verified(source / name, files[name])
@@ -74,11 +80,13 @@ def _load_staged(
     engine: GuardEngine, source: Path, group: dist.ProcessGroup | None
 ) -> dict[str, Any]:
     """DCP-load model and optimizer into fresh tensors shaped like the live ones."""
-    fresh = not engine.optimizer.state  # get_state_dict fills an empty state with zeros
-    model_sd, optim_sd = get_state_dict(engine.model, engine.optimizer)
+    # get_state_dict fills an empty state with zeros
+    fresh = [not o.state for o in engine.optimizers]
+    model_sd, optim_sd = get_state_dict(engine.model, tuple(engine.optimizers))
     staged = {"model": _blank(model_sd), "optimizer": _blank(optim_sd)}
-    if fresh:  # the zeros are not needed: set_state_dict initialises the state itself
-        engine.optimizer.state.clear()
+    for opt, was_fresh in zip(engine.optimizers, fresh, strict=True):
+        if was_fresh:  # the zeros are not needed: set_state_dict initialises the state
+            opt.state.clear()
     dcp_call(source, lambda: dcp_load(staged, checkpoint_id=source, process_group=group))
     return staged
 
@@ -103,12 +111,12 @@ def _apply(
     """Overwrite the live objects with verified, fully loaded state."""
     set_state_dict(
         engine.model,
-        engine.optimizer,
+        tuple(engine.optimizers),
         model_state_dict=staged["model"],
         optim_state_dict=staged["optimizer"],
     )
-    if engine.scheduler is not None and small["scheduler"] is not None:
-        engine.scheduler.load_state_dict(small["scheduler"])
+    if small["scheduler"] is not None:
+        load_small_states(engine, small["scheduler"])
     set_rng_state(small["rng"])
     if small["derived"]:
         # Rank 0's generators, then a seed drawn from them and offset by the rank, so
