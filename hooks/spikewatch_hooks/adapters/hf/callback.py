@@ -171,9 +171,8 @@ class SpikewatchCallback(TrainerCallback):
         lockstep = Lockstep() if Lockstep.active() else None
         # The Trainer knows the run length: defaults that would undo a large share of a
         # short run adapt to it, explicit ones out of proportion warn (core/run_length).
-        self.options = fit_to_run_length(
-            self.options, state.max_steps, snapshot_given=self._snapshot_given
-        )
+        length = state.max_steps if state.max_steps > 0 else None  # 0: not known yet
+        self.options = fit_to_run_length(self.options, length, snapshot_given=self._snapshot_given)
         self.config = self.options.config
         self._engine = self.options.engine(model, optimizer, scheduler, lockstep=lockstep)
         self._engine.reporting = state.is_world_process_zero
