@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -26,13 +25,8 @@ DATA_BATCHES = STEPS * ACCUMULATE + 400  # headroom for the batches a rollback p
 SKIP_AHEAD = 20  # optimizer steps: 80 loader batches
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # These matrices are tiny; two OpenMP threads on a busy 2-core host run far slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# These matrices are tiny; two OpenMP threads on a busy 2-core host run far slower.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class Run:

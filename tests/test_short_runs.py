@@ -8,7 +8,6 @@ the defaults fit the run and the guard rolls back no further than it needs.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -28,12 +27,8 @@ POISON = range(240, 270)  # 30 bad batches, 80 % of the way through
 DATA_BATCHES = STEPS + 300
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# These matrices are tiny; two OpenMP threads on a busy 2-core host run far slower.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def train(data: TensorDataset, **guard_options: object) -> tuple[float, SpikeGuard | None]:
