@@ -101,7 +101,7 @@ def test_explicit_settings_out_of_proportion_warn_at_construction() -> None:
 def test_long_runs_keep_the_defaults() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        opts = fit_to_run_length(GuardOptions.build(), 20_000, snapshot_given=False)
+        opts = fit_to_run_length(GuardOptions.build(), 20_000)
     assert (opts.config.policy.margin, opts.config.policy.skip_ahead, opts.snapshot_every) == (
         100,
         100,

@@ -148,7 +148,7 @@ class SpikeGuard:
         self.options = GuardOptions.build(
             run_id=run_id,
             config=config,
-            snapshot_every=100 if snapshot_every is None else snapshot_every,
+            snapshot_every=snapshot_every,
             keep_snapshots=keep_snapshots,
             margin=margin,
             transport=transport,
@@ -159,9 +159,7 @@ class SpikeGuard:
             snapshot_frozen=snapshot_frozen,
         )
         self.accumulation = Accumulation.build(accumulation_steps)
-        self.options = fit_to_run_length(
-            self.options, total_steps, snapshot_given=snapshot_every is not None
-        )
+        self.options = fit_to_run_length(self.options, total_steps)
         self.run_id = run_id
         # Built before init_process_group (distributed=None): join the lockstep at the
         # first step, or ranks would decide alone and deadlock at their next collective.

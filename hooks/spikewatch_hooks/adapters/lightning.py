@@ -120,7 +120,7 @@ class SpikewatchCallback(pl.Callback):
         self.options = GuardOptions.build(
             run_id=run_id,
             config=config,
-            snapshot_every=100 if snapshot_every is None else snapshot_every,
+            snapshot_every=snapshot_every,
             keep_snapshots=keep_snapshots,
             margin=margin,
             transport=transport,
@@ -129,7 +129,6 @@ class SpikewatchCallback(pl.Callback):
         )
         self.run_id, self.config = run_id, self.options.config
         self.engine: GuardEngine | None = None
-        self._snapshot_given = snapshot_every is not None
         self.positions = DataPositions()
         self._wrapped = False  # the training dataloader leaves ledger batches out
         self._position = 0
@@ -177,9 +176,7 @@ class SpikewatchCallback(pl.Callback):
         optimizer = unwrap_optimizer(trainer.optimizers[0])
         configs = trainer.lr_scheduler_configs
         scheduler = configs[0].scheduler if configs else None
-        self.options = fit_to_run_length(
-            self.options, run_length(trainer), snapshot_given=self._snapshot_given
-        )
+        self.options = fit_to_run_length(self.options, run_length(trainer))
         self.config = self.options.config
         # Under DDP each rank sees its own loss: decide on the all-gathered values.
         lockstep = Lockstep() if Lockstep.active() else None

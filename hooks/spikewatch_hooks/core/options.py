@@ -61,6 +61,8 @@ class GuardOptions:
     snapshot_split: bool | None = None
     snapshot_budget_bytes: int | None = None
     snapshot_frozen: bool = False
+    #: The guard was given snapshot_every= (otherwise it may be fitted to the run length).
+    snapshot_given: bool = True
 
     @classmethod
     def build(
@@ -68,7 +70,7 @@ class GuardOptions:
         *,
         run_id: str = "run",
         config: MonitorConfig | None = None,
-        snapshot_every: int = 100,
+        snapshot_every: int | None = None,
         keep_snapshots: int = 4,
         margin: int | None = None,
         transport: Transport | None = None,
@@ -78,7 +80,8 @@ class GuardOptions:
         snapshot_budget_bytes: int | None = None,
         snapshot_frozen: bool = False,
     ) -> GuardOptions:
-        """Validate the options, with the fix in every message."""
+        """Validate the options, with the fix in every message (``snapshot_every``
+        None: 100, which `run_length.fit_to_run_length` may fit to a short run)."""
         check_snapshot_options(
             snapshot_split=snapshot_split,
             snapshot_budget_bytes=snapshot_budget_bytes,
@@ -98,7 +101,9 @@ class GuardOptions:
         return cls(
             run_id=run_id,
             config=config,
-            snapshot_every=check_int("snapshot_every", snapshot_every, minimum=1),
+            snapshot_every=100
+            if snapshot_every is None
+            else check_int("snapshot_every", snapshot_every, minimum=1),
             keep_snapshots=check_int("keep_snapshots", keep_snapshots, minimum=1),
             transport=transport,
             monitor_url=monitor_url,
@@ -108,6 +113,7 @@ class GuardOptions:
             snapshot_split=snapshot_split,
             snapshot_budget_bytes=snapshot_budget_bytes,
             snapshot_frozen=snapshot_frozen,
+            snapshot_given=snapshot_every is not None,
         )
 
     def make_transport(self, lockstep: Lockstep | None = None) -> Transport:

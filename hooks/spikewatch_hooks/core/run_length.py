@@ -119,23 +119,22 @@ def fit_to_run_length(
     options: GuardOptions,
     total_steps: int | float | None,
     *,
-    snapshot_given: bool,
     share: float = SHARE,
 ) -> GuardOptions:
     """Adapt the default rollback settings to a known run length; warn about given ones.
 
     Call it before the engine is built. ``total_steps`` None or infinite (unknown
-    length) returns ``options`` unchanged. ``snapshot_given``: the user passed
-    ``snapshot_every`` (otherwise it adapts). ``margin`` counts as given when passed on
+    length) returns ``options`` unchanged. ``snapshot_every`` adapts unless the user
+    passed it (``options.snapshot_given``). ``margin`` counts as given when passed on
     its own or in ``config=``; ``skip_ahead`` when ``config=`` was passed.
 
     Example:
         >>> opts = GuardOptions.build(run_id="short")
-        >>> fitted = fit_to_run_length(opts, 300, snapshot_given=False)
+        >>> fitted = fit_to_run_length(opts, 300)
         >>> p = fitted.config.policy
         >>> p.margin, p.skip_ahead, fitted.snapshot_every
         (15, 30, 11)
-        >>> fit_to_run_length(opts, None, snapshot_given=False) is opts
+        >>> fit_to_run_length(opts, None) is opts
         True
     """
     if total_steps is None or not math.isfinite(total_steps):
@@ -155,7 +154,7 @@ def fit_to_run_length(
         margin=policy.margin if margin_given else check.margin,
         skip_ahead=policy.skip_ahead if options.explicit else check.skip_ahead,
     )
-    every = options.snapshot_every if snapshot_given else check.snapshot_every
+    every = options.snapshot_every if options.snapshot_given else check.snapshot_every
     if (fitted, every) != (policy, options.snapshot_every):
         log.warning(
             "spikewatch: a %d-step run: margin %d, skip_ahead %d, snapshot_every %d "

@@ -112,7 +112,7 @@ class SpikewatchCallback(TrainerCallback):
         self.options = GuardOptions.build(
             run_id=run_id,
             config=config,
-            snapshot_every=100 if snapshot_every is None else snapshot_every,
+            snapshot_every=snapshot_every,
             keep_snapshots=keep_snapshots,
             margin=margin,
             transport=transport,
@@ -120,7 +120,6 @@ class SpikewatchCallback(TrainerCallback):
             token=token,
         )
         self.run_id, self.config = run_id, self.options.config
-        self._snapshot_given = snapshot_every is not None
         self._engine: GuardEngine | None = None
         self._taps: TrainerTaps | None = None
         self._trainer: Trainer | None = None
@@ -172,7 +171,7 @@ class SpikewatchCallback(TrainerCallback):
         # The Trainer knows the run length: defaults that would undo a large share of a
         # short run adapt to it, explicit ones out of proportion warn (core/run_length).
         length = state.max_steps if state.max_steps > 0 else None  # 0: not known yet
-        self.options = fit_to_run_length(self.options, length, snapshot_given=self._snapshot_given)
+        self.options = fit_to_run_length(self.options, length)
         self.config = self.options.config
         self._engine = self.options.engine(model, optimizer, scheduler, lockstep=lockstep)
         self._engine.reporting = state.is_world_process_zero
