@@ -32,6 +32,8 @@ class Incident:
     detected_step: int
     reason: str
     status: str = "open"
+    #: The forensics verdict after its rollback (`Verdict.to_json`), when a probe ran.
+    verdict: dict[str, Any] | None = None
 
     @classmethod
     def open(cls, decision: Decision) -> Incident:

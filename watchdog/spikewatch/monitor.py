@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
 
 from spikewatch.channel import MetricChannel
 from spikewatch.fastpath import MAX_RUN
+from spikewatch.forensics.verdict import Verdict
 from spikewatch.incidents import Incident
 from spikewatch.policy import Policy
 from spikewatch.records import Decision, Signal, StepRecord
@@ -59,6 +61,7 @@ class Monitor:
         self.records = 0
         self.last_step: int | None = None
         self._budget = MAX_RUN  # records scored per bulk call; adapts (see `_routine`)
+        self.last_verdict: Verdict | None = None
 
     def __repr__(self) -> str:
         still_open = sum(i.status == "open" for i in self._incidents.values())
@@ -206,6 +209,42 @@ class Monitor:
                 )
                 out.append(incident)
         return out
+
+    def adopt_verdict(self, decision: Decision, verdict: Verdict) -> Decision:
+        """Keep a forensics `Verdict` with its incident; return the rollback as it now
+        stands (``forensics.on_state``: a ``state`` verdict escalates it at once).
+
+        ``data`` keeps the rollback and its skips as they are (the hook quarantines the
+        samples); ``unknown`` changes nothing. The verdict's ``action`` says which.
+        """
+        on_state = self.config.forensics.on_state
+        if verdict.cause == "state" and on_state == "lr_cut":
+            decided = self.policy.escalate("forensics: state-caused", decision)
+            action = "halt" if decided.action == "halt" else f"lr x{decided.lr_factor:g} now"
+        elif verdict.cause == "state" and on_state == "halt":
+            decided = dataclasses.replace(
+                decision,
+                action="halt",
+                reason=f"{decision.reason}; forensics: state-caused ({verdict.why}): halted "
+                "for a person to lower the learning rate or change precision",
+            )
+            self.policy.halt()
+            action = "halt"
+        else:
+            action = {"data": "skip the batches, quarantine the samples"}.get(
+                verdict.cause, "rollback as decided"
+            )
+            decided = dataclasses.replace(
+                decision, reason=f"{decision.reason}; forensics: {verdict.cause}"
+            )
+        verdict = dataclasses.replace(verdict, action=action)
+        signal = decision.signal
+        incident = None if signal is None else self._incidents.get(signal.incident)
+        if incident is not None:
+            incident.verdict = verdict.to_json()
+            incident.fold(decided)  # the reason (and a halt) now say what forensics found
+        self.last_verdict = verdict
+        return decided
 
     def _decide(self, signals: list[Signal]) -> list[Decision]:
         decisions = [self.policy.decide(s) for s in signals]

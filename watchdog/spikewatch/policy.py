@@ -12,6 +12,7 @@ is spent.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import deque
 from dataclasses import dataclass
@@ -159,6 +160,32 @@ class Policy:
             skip_ahead=cfg.skip_ahead * 2**self._escalation,
         )
 
+    def escalate(self, why: str, decision: Decision) -> Decision:
+        """Escalate the rollback just decided at once (forensics said: the state, not the
+        data): the next LR cut now, or a halt when the escalation budget is spent.
+
+        Example:
+            >>> from spikewatch.records import Signal
+            >>> p = Policy()
+            >>> s = Signal(run="r", kind="level_shift", metric="loss", step=300, value=9.0,
+            ...            score=12.0, baseline=3.0, onset_step=290, peak_step=300,
+            ...            transient=False, stage="confirmed")
+            >>> d = p.escalate("state-caused", p.decide(s))
+            >>> d.action, d.lr_factor, d.escalation
+            ('rollback', 0.5, 1)
+        """
+        cfg = self.config
+        if self._escalation >= cfg.max_escalation:
+            self._halted = True
+            return dataclasses.replace(decision, action="halt", reason=self._halt_reason(why))
+        self._escalation += 1
+        return dataclasses.replace(
+            decision,
+            lr_factor=cfg.lr_cut**self._escalation,
+            escalation=self._escalation,
+            reason=f"{decision.reason}; {why}: lr x{cfg.lr_cut**self._escalation:g} now",
+        )
+
     def _halt_reason(self, why: str) -> str:
         cfg = self.config
         return (
@@ -178,6 +205,10 @@ class Policy:
             escalation=self._escalation,
             **extra,
         )
+
+    def halt(self) -> None:
+        """Halt from now on (forensics with ``on_state="halt"``)."""
+        self._halted = True
 
     def resume(self) -> None:
         """Clear a halt (an operator's decision)."""

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from spikewatch.errors import bad_value
+from spikewatch.forensics.verdict import Verdict
 from spikewatch.http_transport import HttpTransport
 from spikewatch.monitor import Monitor
 from spikewatch.records import Decision, StepRecord
@@ -183,6 +184,20 @@ class ServiceTransport:
     def skip_threshold(self) -> float:
         """The monitor's grad-norm skip threshold."""
         return self.monitor.skip_threshold()
+
+    def judge(self, decision: Decision, verdict: Verdict) -> Decision:
+        """The trainer's monitor keeps the forensics verdict and says what the rollback
+        becomes; the service gets both as a ``verdict`` event (its incident, Slack,
+        Prometheus)."""
+        decided = self.monitor.adopt_verdict(decision, verdict)
+        if self.client is not None:
+            kept = self.monitor.last_verdict or verdict
+            self.client.report(
+                [],
+                [],
+                [{"event": "verdict", "verdict": kept.to_json(), "decision": decided.to_json()}],
+            )
+        return decided
 
     def finish(self, timeout: float = 10.0) -> bool:
         """Deliver what is queued and tell the service the run ended."""

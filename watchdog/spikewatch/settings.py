@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from spikewatch.errors import ConfigError
+from spikewatch.forensics.verdict import ForensicsConfig
 from spikewatch.policy import PolicyConfig
 from spikewatch.validation import check_float, check_int
 
@@ -28,6 +29,7 @@ class MonitorConfig:
         pre_window: records before the candidate given to change-point analysis.
         cpd_penalty: ruptures penalty, in units of spread^2 * log(n).
         elevated: a segment above baseline + elevated * spread is part of the excursion.
+        forensics: the probe after a rollback and what its verdict does (`ForensicsConfig`).
 
     Example:
         >>> MonitorConfig.from_mapping({"threshold": 6, "policy": {"margin": 50}}).policy.margin
@@ -51,6 +53,7 @@ class MonitorConfig:
     cpd_penalty: float = 3.0
     elevated: float = 4.0
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    forensics: ForensicsConfig = field(default_factory=ForensicsConfig)
 
     def __post_init__(self) -> None:
         check_int("window", self.window, minimum=4)
@@ -71,10 +74,14 @@ class MonitorConfig:
         """Build from a parsed TOML/JSON mapping; unknown keys are errors, not typos ignored."""
         known = {f.name for f in dataclasses.fields(cls)}
         _reject_unknown(data, known, "monitor")
-        values = {k: v for k, v in data.items() if k != "policy"}
+        values = {k: v for k, v in data.items() if k not in ("policy", "forensics")}
         policy_data = data.get("policy", {})
         _reject_unknown(policy_data, {f.name for f in dataclasses.fields(PolicyConfig)}, "policy")
-        return cls(**values, policy=PolicyConfig(**policy_data))
+        forensics_data = data.get("forensics", {})
+        forensics_fields = {f.name for f in dataclasses.fields(ForensicsConfig)}
+        _reject_unknown(forensics_data, forensics_fields, "forensics")
+        forensics = ForensicsConfig(**forensics_data)
+        return cls(**values, policy=PolicyConfig(**policy_data), forensics=forensics)
 
 
 def _reject_unknown(data: dict[str, Any], known: set[str], section: str) -> None:

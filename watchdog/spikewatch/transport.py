@@ -10,6 +10,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from spikewatch.forensics.verdict import Verdict
 from spikewatch.monitor import Monitor
 from spikewatch.records import Decision, StepRecord
 
@@ -80,3 +81,7 @@ class EmbeddedTransport:
     def skip_threshold(self) -> float:
         """The monitor's current grad-norm skip threshold."""
         return self.monitor.skip_threshold()
+
+    def judge(self, decision: Decision, verdict: Verdict) -> Decision:
+        """The monitor keeps the forensics verdict and says what the rollback becomes."""
+        return self.monitor.adopt_verdict(decision, verdict)
