@@ -28,9 +28,12 @@ from spikewatch.settings import MonitorConfig
 from spikewatch.transport import Transport
 from spikewatch_hooks.core.accumulation import Accumulation
 from spikewatch_hooks.core.checks import check_components
+from spikewatch_hooks.core.feed import BatchFeed
 from spikewatch_hooks.core.options import GuardOptions
 from spikewatch_hooks.core.run_length import fit_to_run_length
 from spikewatch_hooks.distributed.lockstep import Lockstep
+from spikewatch_hooks.forensics.evaluate import ProbeLoss
+from spikewatch_hooks.forensics.probe import make_forensics
 from spikewatch_hooks.state.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from spikewatch_hooks.state.deep import DiskCheckpoints
 
@@ -80,6 +83,16 @@ class SpikeGuard:
         total_steps: the run's length in optimizer steps, when known: default rollback
             settings fit to it, explicit ones that would undo or skip a large share of
             it warn (`run_length.fit_to_run_length`).
+        probe_loss: ``probe_loss(model, batch)`` -> the batch's loss per sample (shape
+            [B]) or as a scalar, computed as in training: turns on forensics. After an
+            automatic rollback the guard re-evaluates the suspect batches forward only
+            from the restored state next to ordinary ones, and the verdict (``data``,
+            ``state``, ``unknown``; ``stats["last_verdict"]``) decides the next step
+            (``config.forensics``; README, "Forensics").
+        quarantine_file: JSONL file where a ``data`` verdict's samples (by dataset
+            index) are written; samples already in it are dropped from their batches.
+        probe_cache_batches / probe_cache_bytes: how many recent batches (and bytes of
+            them) the guard keeps for the probe (references, not copies).
 
     Units: ``step_count``, ``margin``, ``snapshot_every`` and ``skip_ahead`` count
     optimizer steps; data positions and ``skipped_batches`` count loader batches. With
@@ -132,6 +145,10 @@ class SpikeGuard:
         snapshot_frozen: bool = False,
         accumulation_steps: int | None = None,
         total_steps: int | None = None,
+        probe_loss: ProbeLoss | None = None,
+        quarantine_file: str | os.PathLike[str] | None = None,
+        probe_cache_batches: int = 64,
+        probe_cache_bytes: int = 512 * 2**20,
     ) -> None:
         check_components(
             model=model,
@@ -177,8 +194,11 @@ class SpikeGuard:
         self.transport = self.engine.transport
         self.checkpoint_dir = checkpoint_dir
         self.checkpoint_every = checkpoint_every
-        self._resume_position = 0
         self.engine.batches_per_step = self.accumulation.batches_per_step
+        self.engine.forensics = make_forensics(
+            self.engine, probe_loss, quarantine_file, probe_cache_batches, probe_cache_bytes
+        )
+        self.feed = BatchFeed(self.engine, self.accumulation)
 
     def __repr__(self) -> str:
         e = self.engine
@@ -195,21 +215,12 @@ class SpikeGuard:
         """Yield the loader's batches, skipping those in the skip ledger.
 
         Positions count every batch the loader yields from the start of the run (the
-        same order on a restart: a seeded sampler), so after `resume` the batches before
-        the checkpoint are passed over and the ledger's ranges stay skipped.
+        same order on a restart: a seeded sampler), continuing across calls (one per
+        epoch); after `resume` the batches before the checkpoint are passed over and
+        the ledger's ranges stay skipped. With ``probe_loss``, recent batches are kept
+        for the forensics probe and quarantined samples dropped (`core.feed`).
         """
-        engine = self.engine
-        for position, batch in enumerate(loader):
-            if engine.halted:
-                return
-            if position < self._resume_position:
-                continue
-            if position in engine.ledger:
-                engine.count("skipped_batches")
-                continue
-            engine.position = position
-            self.accumulation.yielded += 1
-            yield batch
+        return self.feed.batches(loader)
 
     def accept(self, position: int) -> bool:
         """Whether to train on the batch at data ``position`` (for loops that do not
@@ -223,15 +234,7 @@ class SpikeGuard:
             >>> [p for p in range(6) if guard.accept(p)], guard.stats["skipped_batches"]
             ([0, 1, 2, 5], 2)
         """
-        engine = self.engine
-        if engine.halted:
-            return False
-        if position in engine.ledger:
-            engine.count("skipped_batches")
-            return False
-        engine.position = position
-        self.accumulation.yielded += 1  # as `batches` counts: batches per optimizer step
-        return True
+        return self.feed.accept(position)
 
     def step(
         self,
@@ -318,7 +321,7 @@ class SpikeGuard:
             payload = load_checkpoint(path)
             self.engine.load_checkpoint_payload(payload)
             guard = payload["guard"]
-        self._resume_position = int(guard["next_position"])
+        self.feed.restart(int(guard["next_position"]))
         self.engine.count("resumes")
 
     def _auto_checkpoint(self) -> None:

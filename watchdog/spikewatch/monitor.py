@@ -210,15 +210,22 @@ class Monitor:
                 out.append(incident)
         return out
 
-    def adopt_verdict(self, decision: Decision, verdict: Verdict) -> Decision:
+    def adopt_verdict(self, decision: Decision, verdict: Verdict) -> tuple[Decision, Verdict]:
         """Keep a forensics `Verdict` with its incident; return the rollback as it now
-        stands (``forensics.on_state``: a ``state`` verdict escalates it at once).
+        stands (``forensics.on_state``: a ``state`` verdict escalates it at once) and
+        the verdict with its ``action``.
 
         ``data`` keeps the rollback and its skips as they are (the hook quarantines the
         samples); ``unknown`` changes nothing. The verdict's ``action`` says which.
         """
         on_state = self.config.forensics.on_state
-        if verdict.cause == "state" and on_state == "lr_cut":
+        if verdict.cause == "state" and on_state == "lr_cut" and decision.escalation > 0:
+            # The trouble returned and the policy cut the LR for it already.
+            decided = dataclasses.replace(
+                decision, reason=f"{decision.reason}; forensics: state-caused (LR already cut)"
+            )
+            action = f"lr x{decision.lr_factor:g} (cut already: the trouble returned)"
+        elif verdict.cause == "state" and on_state == "lr_cut":
             decided = self.policy.escalate("forensics: state-caused", decision)
             action = "halt" if decided.action == "halt" else f"lr x{decided.lr_factor:g} now"
         elif verdict.cause == "state" and on_state == "halt":
@@ -244,7 +251,7 @@ class Monitor:
             incident.verdict = verdict.to_json()
             incident.fold(decided)  # the reason (and a halt) now say what forensics found
         self.last_verdict = verdict
-        return decided
+        return decided, verdict
 
     def _decide(self, signals: list[Signal]) -> list[Decision]:
         decisions = [self.policy.decide(s) for s in signals]

@@ -185,19 +185,18 @@ class ServiceTransport:
         """The monitor's grad-norm skip threshold."""
         return self.monitor.skip_threshold()
 
-    def judge(self, decision: Decision, verdict: Verdict) -> Decision:
+    def judge(self, decision: Decision, verdict: Verdict) -> tuple[Decision, Verdict]:
         """The trainer's monitor keeps the forensics verdict and says what the rollback
         becomes; the service gets both as a ``verdict`` event (its incident, Slack,
         Prometheus)."""
-        decided = self.monitor.adopt_verdict(decision, verdict)
+        decided, kept = self.monitor.adopt_verdict(decision, verdict)
         if self.client is not None:
-            kept = self.monitor.last_verdict or verdict
             self.client.report(
                 [],
                 [],
                 [{"event": "verdict", "verdict": kept.to_json(), "decision": decided.to_json()}],
             )
-        return decided
+        return decided, kept
 
     def finish(self, timeout: float = 10.0) -> bool:
         """Deliver what is queued and tell the service the run ended."""

@@ -82,6 +82,6 @@ class EmbeddedTransport:
         """The monitor's current grad-norm skip threshold."""
         return self.monitor.skip_threshold()
 
-    def judge(self, decision: Decision, verdict: Verdict) -> Decision:
+    def judge(self, decision: Decision, verdict: Verdict) -> tuple[Decision, Verdict]:
         """The monitor keeps the forensics verdict and says what the rollback becomes."""
         return self.monitor.adopt_verdict(decision, verdict)

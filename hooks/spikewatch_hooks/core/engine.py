@@ -26,6 +26,7 @@ from spikewatch_hooks.core.updates import Updates, as_list
 from spikewatch_hooks.core.values import Number, ValuePipe
 from spikewatch_hooks.distributed.local_values import plain_value
 from spikewatch_hooks.distributed.lockstep import Lockstep
+from spikewatch_hooks.forensics.probe import Forensics
 from spikewatch_hooks.state import payload
 from spikewatch_hooks.state.ledger import SkipLedger
 from spikewatch_hooks.state.snapshots import Snapshot, SnapshotRing
@@ -65,6 +66,7 @@ class GuardEngine:
         self.optimizer = self.optimizers[0]
         self.scheduler: Any = self.schedulers[0] if self.schedulers else None
         self.disk: Any = None  # state.deep.DiskCheckpoints, set by SpikeGuard
+        self.forensics: Forensics | None = None  # the probe after a rollback, set by hooks
         self.transport, self.config, self.run_id = transport, config, run_id
         self.snapshot_every = snapshot_every
         self.monitor_every = monitor_every
@@ -273,6 +275,8 @@ class GuardEngine:
             "snapshot_bytes": self.ring.nbytes,
             "skip_ledger": self.ledger.ranges(),
             "last_incident_ranks": self.last_incident_ranks,
+            "last_verdict": None,
+            **({} if self.forensics is None else self.forensics.summary()),
             **{
                 k: v
                 for k, v in self.stats.items()

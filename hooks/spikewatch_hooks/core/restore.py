@@ -46,6 +46,8 @@ def roll_back(engine: GuardEngine, decision: Decision) -> None:
     engine.updates.settle_scaler()
     point = rollback_source(engine, target)
     engine.transport.rewind(point.detector_state)
+    if engine.forensics is not None:  # probe from the restored state: data or state?
+        decision = engine.forensics.after_restore(engine, decision, point.step)
     engine.updates.scale_lr(decision.lr_factor / point.lr_scale)
     engine.lr_scale = decision.lr_factor
     why = f"rollback at step {from_step}: {decision.reason}"
@@ -76,6 +78,8 @@ def roll_back(engine: GuardEngine, decision: Decision) -> None:
     if engine.lockstep is not None:
         engine.lockstep.clear()
     engine.clear_found_inf()
+    if decision.action == "halt":  # forensics: state-caused and the escalation is spent
+        engine.halt(decision.reason)
 
 
 def rollback_source(engine: GuardEngine, target: int) -> RestorePoint:

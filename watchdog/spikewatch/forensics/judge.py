@@ -107,7 +107,7 @@ def judge(
             f"{len(outliers)} of {len(suspect)} suspect batches and {len(named)} samples stand "
             f"out even from the restored state ({numbers}): bad data"
         )
-    elif math.isfinite(worst) and worst <= batches.median * config.state_ratio:
+    elif suspect_loss <= batches.median * config.state_ratio:
         cause = "state"
         why = (
             f"the {len(suspect)} suspect batches look ordinary from the restored state "

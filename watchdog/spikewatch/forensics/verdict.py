@@ -34,11 +34,12 @@ class ForensicsConfig:
             above it.
         sample_ratio / sample_z: the same test for one sample against the reference
             samples (per-sample losses); outlying samples are named.
-        state_ratio: no suspect batch above ``state_ratio`` times the reference median
-            (and no outlying sample) means the data looks ordinary: ``state``.
+        state_ratio: no outlying batch or sample, and a suspect median at most
+            ``state_ratio`` times the reference median: the data looks ordinary, ``state``.
         min_reference: fewer reference batches than this: ``unknown``.
-        on_state: ``lr_cut`` (escalate at once: the next LR cut on this rollback),
-            ``halt``, or ``none`` (today's behaviour: wait for the trouble to return).
+        on_state: ``lr_cut`` (escalate at once: the LR cut the policy would make when
+            the trouble returned, made on this rollback; a rollback the policy already
+            escalated keeps its cut), ``halt``, or ``none`` (wait for it to return).
 
     Example:
         >>> ForensicsConfig(on_state="halt").on_state
