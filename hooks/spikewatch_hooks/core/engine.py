@@ -275,6 +275,7 @@ class GuardEngine:
             "snapshot_bytes": self.ring.nbytes,
             "skip_ledger": self.ledger.ranges(),
             "last_incident_ranks": self.last_incident_ranks,
+            "lr_scale": self.lr_scale,
             "last_verdict": None,
             **({} if self.forensics is None else self.forensics.summary()),
             **{

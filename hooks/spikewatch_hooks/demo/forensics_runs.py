@@ -8,20 +8,25 @@ run of dataset indices, so it meets the run as a burst of bad batches):
 - ``lr``: the data is clean, the learning rate jumps ``lr_jump`` x at ``lr_step``
   (a schedule bug): a state the same data cannot be blamed for.
 
-Used by tests/test_forensics_runs.py and bench/forensics.py.
+Under torch.distributed (an initialised process group) the model is DDP-wrapped and
+each rank reads its own shard of every batch (a `DistributedSampler`, in order).
+Used by tests/test_forensics_runs.py, tests/test_forensics_dist.py, bench/forensics.py.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn import functional
-from torch.utils.data import DataLoader, Dataset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from spikewatch.forensics.verdict import ForensicsConfig
 from spikewatch.policy import PolicyConfig
@@ -113,7 +118,8 @@ class ScenarioResult:
     stats: dict[str, Any]
     poisoned: set[int]
     losses: list[float] = field(default_factory=list)
-    lr_factors: list[float] = field(default_factory=list)
+    checksum: float = 0.0  # sum of the final weights (equal on every rank under DDP)
+    train_seconds: float = 0.0  # the training loop's wall time (steps and guard)
 
     @property
     def named(self) -> set[int]:
@@ -135,11 +141,17 @@ def run(
 ) -> ScenarioResult:
     """Train one scenario run; ``probe=False`` is the guard without forensics."""
     torch.manual_seed(s.seed)
-    model = TinyGPT(corpus.vocab_size, context=s.context, dim=s.dim, layers=2, heads=4)
+    gpt = TinyGPT(corpus.vocab_size, context=s.context, dim=s.dim, layers=2, heads=4)
+    model: nn.Module = gpt
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(s, scenario))
     poisoned = poisoned_indices(s, scenario)
-    loader = DataLoader(Windows(corpus, s, poisoned), batch_size=s.batch_size, shuffle=False)
+    data = Windows(corpus, s, poisoned)
+    sampler = None
+    if dist.is_available() and dist.is_initialized():  # each rank reads its own shard
+        model = DistributedDataParallel(gpt)
+        sampler = DistributedSampler(data, shuffle=False)
+    loader = DataLoader(data, batch_size=s.batch_size, shuffle=False, sampler=sampler)
     guard = None
     if guarded:
         guard = SpikeGuard(
@@ -149,8 +161,9 @@ def run(
         )  # fmt: skip
     result = ScenarioResult(final_loss=math.nan, stats={}, poisoned=set(poisoned))
     batches = guard.batches(loader) if guard is not None else iter(loader)
+    started = time.perf_counter()
     for step, (x, y) in enumerate(batches):
-        loss = model.loss(x, y)
+        loss = sample_loss(model, (x, y)).mean()
         loss.backward()  # type: ignore[no-untyped-call]
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         if guard is None:
@@ -165,7 +178,9 @@ def run(
         done = guard.step_count if guard is not None else step + 1
         if done >= s.steps or (guard is not None and guard.halted):
             break
-    result.final_loss = evaluate(model, corpus, s)
+    result.train_seconds = time.perf_counter() - started
+    result.final_loss = evaluate(gpt, corpus, s)
+    result.checksum = float(sum(p.detach().double().sum() for p in gpt.parameters()))
     result.stats = guard.stats if guard is not None else {}
     return result
 

@@ -1,10 +1,15 @@
 """From the probe's losses to a `Verdict`: robust statistics, no torch.
 
 The reference batches set what "ordinary" is from the restored state: their median
-loss and a robust spread (1.4826 x MAD, floored at 1 % of the median so that a handful
-of near-identical references does not make every wobble an outlier). A suspect batch
-or sample is an outlier only when it is both far (``*_z`` spreads) and large
-(``*_ratio`` x the median) above it: a data problem the restored state finds hard.
+loss, a robust spread (1.4826 x MAD, floored at 1 % of the median so that a handful of
+near-identical references does not make every wobble an outlier) and their largest
+value. A suspect batch or sample is an outlier only when it is far (``*_z`` spreads)
+and large (``*_ratio`` x the median) above it, and above every reference: a data
+problem the restored state finds hard. Per-sample losses are heavy-tailed (a squared
+error is chi-square distributed), so for samples the distance is measured on the log
+of the loss when every reference is positive: a sample must then be ``sample_z``
+spreads of log-loss above the median, which a cross-entropy's narrow spread makes a
+small factor and a squared error's wide one a large factor.
 """
 
 from __future__ import annotations
@@ -36,20 +41,29 @@ class BatchLoss:
 class _Scale:
     median: float
     spread: float
+    largest: float
+    log: bool = False  # `spread` is of log(loss), `median` still of the loss
 
     @classmethod
-    def of(cls, values: Sequence[float]) -> _Scale:
+    def of(cls, values: Sequence[float], *, log: bool = False) -> _Scale:
         finite = [v for v in values if math.isfinite(v)]
         if not finite:
-            return cls(math.nan, math.nan)
+            return cls(math.nan, math.nan, math.nan)
         med = statistics.median(finite)
-        mad = statistics.median(abs(v - med) for v in finite)
-        return cls(med, max(_MAD_TO_SIGMA * mad, _SPREAD_FLOOR * abs(med), 1e-12))
+        log = log and min(finite) > 0.0
+        scaled = [math.log(v) for v in finite] if log else finite
+        centre = statistics.median(scaled)
+        mad = statistics.median(abs(v - centre) for v in scaled)
+        floor = _SPREAD_FLOOR * (1.0 if log else abs(med))
+        return cls(med, max(_MAD_TO_SIGMA * mad, floor, 1e-12), max(finite), log)
 
     def outlier(self, value: float, ratio: float, z: float) -> bool:
         if not math.isfinite(value):
             return True  # a non-finite loss from the healthy state: the input did it
-        return value >= self.median * ratio and (value - self.median) / self.spread >= z
+        if value < self.median * ratio or value <= self.largest:
+            return False
+        distance = math.log(value / self.median) if self.log else value - self.median
+        return distance / self.spread >= z
 
 
 def judge(
@@ -89,7 +103,8 @@ def judge(
         )  # fmt: skip
     batches = _Scale.of([b.loss for b in reference])
     ref_samples = [loss for b in reference for _, loss in b.samples]
-    samples = _Scale.of(ref_samples) if len(ref_samples) >= 2 * config.min_reference else None
+    enough = len(ref_samples) >= 2 * config.min_reference
+    samples = _Scale.of(ref_samples, log=True) if enough else None
     outliers = [
         b.position for b in suspect if batches.outlier(b.loss, config.batch_ratio, config.batch_z)
     ]

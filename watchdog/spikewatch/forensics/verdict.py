@@ -33,7 +33,8 @@ class ForensicsConfig:
             ``batch_ratio`` times the reference median and ``batch_z`` robust sigmas
             above it.
         sample_ratio / sample_z: the same test for one sample against the reference
-            samples (per-sample losses); outlying samples are named.
+            samples (per-sample losses), with ``sample_z`` spreads of log-loss (per-sample
+            losses are heavy-tailed); outlying samples are named.
         state_ratio: no outlying batch or sample, and a suspect median at most
             ``state_ratio`` times the reference median: the data looks ordinary, ``state``.
         min_reference: fewer reference batches than this: ``unknown``.
@@ -57,7 +58,7 @@ class ForensicsConfig:
     batch_ratio: float = 1.25
     batch_z: float = 6.0
     sample_ratio: float = 1.5
-    sample_z: float = 6.0
+    sample_z: float = 4.0
     state_ratio: float = 1.10
     min_reference: int = 2
     on_state: OnState = "lr_cut"
