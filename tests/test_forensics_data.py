@@ -31,9 +31,9 @@ def guard_for(**kw: object) -> SpikeGuard:
                       probe_loss=lambda m, b: m(b["x"]).squeeze(-1), **kw)  # type: ignore[arg-type]  # fmt: skip
 
 
-def train_ids(guard: SpikeGuard, loader: object) -> list[list[int]]:
+def train_ids(guard: SpikeGuard, loader: DataLoader[dict[str, torch.Tensor]]) -> list[list[int]]:
     out = []
-    for batch in guard.batches(loader):  # type: ignore[call-overload]
+    for batch in guard.batches(loader):
         out.append(batch["id"].tolist())
         guard.step(loss=torch.tensor(1.0))
     return out

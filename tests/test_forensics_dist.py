@@ -22,7 +22,7 @@ def _worker(rank: int, out: str) -> None:
     corpus = load_corpus()
     results = {}
     for scenario in ("random", "lr"):
-        r = run(scenario, S, corpus)  # type: ignore[arg-type]
+        r = run(scenario, S, corpus)
         results[scenario] = {
             "verdict": r.stats["last_verdict"],
             "rollbacks": r.stats["rollbacks"],

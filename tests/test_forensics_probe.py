@@ -49,7 +49,8 @@ def make_model() -> nn.Module:
 
 def sample_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     x, y, _ = batch
-    return (model(x).squeeze(-1) - y).pow(2)
+    out: torch.Tensor = (model(x).squeeze(-1) - y).pow(2)
+    return out
 
 
 def rollback(guard: SpikeGuard, onset: int) -> Decision:
@@ -80,7 +81,7 @@ def train(
     for x, y, idx in guard.batches(loader):
         seen.extend(int(i) for i in idx)
         loss = (model(x).squeeze(-1) - y).pow(2).mean()
-        loss.backward()  # type: ignore[no-untyped-call]
+        loss.backward()
         guard.step(loss=loss)
         opt.zero_grad(set_to_none=True)
         if guard.step_count == roll_at and not guard.stats["rollbacks"]:
@@ -91,7 +92,8 @@ def train(
 
 
 def _rng() -> tuple[Any, ...]:
-    return (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+    keys = tuple(np.random.get_state(legacy=True))[1]
+    return (torch.get_rng_state(), random.getstate(), np.array(keys).copy())
 
 
 def test_the_probe_changes_nothing_a_run_without_it_would_not() -> None:
@@ -168,7 +170,7 @@ def _broken_run(loss_fn: Any) -> Any:
     loader = DataLoader(Rows(), batch_size=8)
     for x, y, _ in guard.batches(loader):
         loss = (model(x).squeeze(-1) - y).pow(2).mean()
-        loss.backward()  # type: ignore[no-untyped-call]
+        loss.backward()
         guard.step(loss=loss)
         opt.zero_grad(set_to_none=True)
         if guard.step_count == 40 and not guard.stats["rollbacks"]:
@@ -197,7 +199,7 @@ def test_state_verdict_under_on_state_halt_halts_after_restoring() -> None:
                        probe_loss=sample_loss)  # fmt: skip
     for x, y, _ in guard.batches(DataLoader(Rows(), batch_size=8)):
         loss = (model(x).squeeze(-1) - y).pow(2).mean()
-        loss.backward()  # type: ignore[no-untyped-call]
+        loss.backward()
         guard.step(loss=loss)
         opt.zero_grad(set_to_none=True)
         if guard.step_count == 40:

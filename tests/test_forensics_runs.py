@@ -88,7 +88,9 @@ def test_a_data_verdict_fills_the_quarantine_file(tmp_path: Path, one_torch_thre
     result = run("random", S, load_corpus(), quarantine_file=str(file))
     entries = read(file)
     assert {e.index for e in entries} == result.named
-    assert all(e.run == "forensics-random" and e.loss > 2 * e.reference_loss for e in entries)
+    assert all(
+        e.run == "forensics-random" and e.loss > 2 * (e.reference_loss or 0) for e in entries
+    )
     first = json.loads(file.read_text().splitlines()[0])
     assert set(first) == {
         "run", "step", "position", "index", "loss", "reference_loss", "reason", "time",

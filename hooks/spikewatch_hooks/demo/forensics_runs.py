@@ -147,7 +147,7 @@ def run(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(s, scenario))
     poisoned = poisoned_indices(s, scenario)
     data = Windows(corpus, s, poisoned)
-    sampler = None
+    sampler: DistributedSampler[Batch] | None = None
     if dist.is_available() and dist.is_initialized():  # each rank reads its own shard
         model = DistributedDataParallel(gpt)
         sampler = DistributedSampler(data, shuffle=False)
