@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -83,13 +84,17 @@ def table(rows: list[dict[str, Any]], clean: float) -> str:
     )
     lines = [
         f"| {r['scenario']} | {r['verdict']} | {r['action']} | {r['named']} "
-        f"| {r['precision']:.2f} | {r['recall']:.2f} "
+        f"| {_share(r['precision'])} | {_share(r['recall'])} "
         f"| {r['rollbacks_blind']} → {r['rollbacks_probed']} "
         f"| {r['loss_unguarded']:.3f} / {r['loss_blind']:.3f} / {r['loss_probed']:.3f} "
         f"| {r['forward_passes']} | {r['probe_s']:.3f} | {r['probe_in_steps']:.1f} |"
         for r in rows
     ]
     return "\n".join([head, *lines])
+
+
+def _share(x: float) -> str:
+    return "–" if math.isnan(x) else f"{x:.2f}"  # noqa: RUF001 (nothing was named)
 
 
 def main() -> None:
