@@ -51,7 +51,7 @@ from torch import nn
 
 from spikewatch_hooks.demo.model import TinyGPT
 from spikewatch_hooks.guard import SpikeGuard
-from spikewatch_hooks.state.snapshots import SnapshotRing
+from spikewatch_hooks.state.snapshots.ring import SnapshotRing
 
 SNAPSHOT_EVERY = 100  # SpikeGuard's default, used unchanged
 Batch = tuple[torch.Tensor, torch.Tensor]

@@ -38,7 +38,7 @@ import torch
 
 from spikewatch_hooks.demo.model import TinyGPT
 from spikewatch_hooks.state.rng import rng_state, set_rng_state
-from spikewatch_hooks.state.snapshots import Snapshot, SnapshotRing
+from spikewatch_hooks.state.snapshots.ring import Snapshot, SnapshotRing
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -36,7 +36,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from spikewatch_hooks.demo.model import TinyGPT
-from spikewatch_hooks.state.snapshots import SnapshotRing
+from spikewatch_hooks.state.snapshots.ring import SnapshotRing
 
 SIZES = {
     "quick": {"vocab": 256, "dim": 64, "layers": 2},

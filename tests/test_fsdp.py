@@ -22,7 +22,7 @@ from torch.distributed.tensor import DTensor
 from spikewatch.policy import PolicyConfig
 from spikewatch.settings import MonitorConfig
 from spikewatch_hooks.guard import SpikeGuard
-from spikewatch_hooks.state.snapshot_plan import SnapshotError, local
+from spikewatch_hooks.state.snapshots.plan import SnapshotError, local
 
 STEPS = 200
 MORE = 10  # steps trained after the checkpoint, by the saving run and by the resumed ones

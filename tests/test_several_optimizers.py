@@ -17,7 +17,7 @@ from spikewatch.policy import PolicyConfig
 from spikewatch.records import Decision
 from spikewatch.settings import MonitorConfig
 from spikewatch_hooks.guard import SpikeGuard
-from spikewatch_hooks.state.snapshots import SnapshotRing
+from spikewatch_hooks.state.snapshots.ring import SnapshotRing
 
 
 def _setup() -> tuple[torch.nn.Sequential, list[torch.optim.Optimizer], list[Any]]:

@@ -12,8 +12,8 @@ from torch import nn
 
 from spikewatch.errors import ConfigError
 from spikewatch_hooks.guard import SpikeGuard
-from spikewatch_hooks.state.snapshot_plan import SnapshotError
-from spikewatch_hooks.state.snapshots import SnapshotRing
+from spikewatch_hooks.state.snapshots.plan import SnapshotError
+from spikewatch_hooks.state.snapshots.ring import SnapshotRing
 
 
 def _nbytes(tensors: Any) -> int:

@@ -15,8 +15,8 @@ from torch.nn.parallel import DistributedDataParallel
 from spikewatch.policy import PolicyConfig
 from spikewatch.settings import MonitorConfig
 from spikewatch_hooks.guard import SpikeGuard
-from spikewatch_hooks.state.snapshot_plan import SnapshotError
-from spikewatch_hooks.state.snapshots import SnapshotRing
+from spikewatch_hooks.state.snapshots.plan import SnapshotError
+from spikewatch_hooks.state.snapshots.ring import SnapshotRing
 
 STEPS = 240
 POISON = range(150, 180)  # global batch positions; rank 1's shard is bad

@@ -20,7 +20,7 @@ from typing import Any
 from spikewatch.http_wire import decision_of
 from spikewatch.records import Decision
 from spikewatch.service_transport import Approval
-from spikewatch_hooks.state.snapshots import SnapshotRing
+from spikewatch_hooks.state.snapshots.ring import SnapshotRing
 
 
 @dataclass

@@ -14,7 +14,7 @@ from spikewatch.records import Decision
 from spikewatch.transport import Transport
 from spikewatch_hooks.core.approval import Approvals
 from spikewatch_hooks.distributed.lockstep import Lockstep
-from spikewatch_hooks.state.snapshots import SnapshotRing
+from spikewatch_hooks.state.snapshots.ring import SnapshotRing
 
 log = logging.getLogger("spikewatch_hooks")
 

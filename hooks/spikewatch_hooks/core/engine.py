@@ -29,7 +29,7 @@ from spikewatch_hooks.distributed.lockstep import Lockstep
 from spikewatch_hooks.forensics.probe import Forensics
 from spikewatch_hooks.state import payload
 from spikewatch_hooks.state.ledger import SkipLedger
-from spikewatch_hooks.state.snapshots import Snapshot, SnapshotRing
+from spikewatch_hooks.state.snapshots.ring import Snapshot, SnapshotRing
 
 log = logging.getLogger("spikewatch_hooks")
 

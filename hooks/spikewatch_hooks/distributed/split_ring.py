@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from spikewatch_hooks.distributed.lockstep import PeerFailureError
-from spikewatch_hooks.state.snapshot_plan import Entry, Key, SnapshotError, local
+from spikewatch_hooks.state.snapshots.plan import Entry, Key, SnapshotError, local
 
 # torch >= 2.13 names it all_gather_single; older releases all_gather_into_tensor.
 _ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor

@@ -1,9 +1,9 @@
 """In-memory snapshots of the whole training state, for rollbacks far cheaper than disk.
 
-What a slot holds (`snapshot_plan`): the parameters some optimizer updates, the model's
+What a slot holds (`plan`): the parameters some optimizer updates, the model's
 persistent buffers and every optimizer's state, by this rank's local tensors (FSDP2
 DTensor shards included); frozen parameters are left out unless ``include_frozen``.
-Where it is held: preallocated host buffers reused slot after slot (`host_buffers`),
+Where it is held: preallocated host buffers reused slot after slot (`buffers`),
 restored in place into the live tensors, so the optimizers' references stay valid.
 Replicated state (DDP) can be split across ranks (`distributed.split_ring`): each rank
 keeps 1/world_size of every slot and a restore gathers the rest, one collective per
@@ -22,12 +22,12 @@ import torch.distributed as dist
 from torch import nn
 
 from spikewatch_hooks.distributed.split_ring import SplitStore, check_same_layout
-from spikewatch_hooks.state.host_buffers import HostStore
 from spikewatch_hooks.state.rng import rng_state, set_rng_state
-from spikewatch_hooks.state.snapshot_budget import slot_estimate, slots_within
-from spikewatch_hooks.state.snapshot_plan import Key, Layout, LiveState, SnapshotError, plan
-from spikewatch_hooks.state.snapshot_slot import Snapshot, live_targets, small_state
-from spikewatch_hooks.state.snapshot_split import split_entries, wants_split
+from spikewatch_hooks.state.snapshots.budget import slot_estimate, slots_within
+from spikewatch_hooks.state.snapshots.buffers import HostStore
+from spikewatch_hooks.state.snapshots.plan import Key, Layout, LiveState, SnapshotError, plan
+from spikewatch_hooks.state.snapshots.slot import Snapshot, live_targets, small_state
+from spikewatch_hooks.state.snapshots.split import split_entries, wants_split
 
 __all__ = ["Snapshot", "SnapshotRing"]
 
@@ -51,7 +51,7 @@ class SnapshotRing:
         include_frozen: also copy parameters no optimizer updates (for a run whose code
             edits frozen weights by hand; otherwise a rollback leaves them as they are).
         budget_bytes: cap on this rank's snapshot host memory (None: no cap); see
-            `snapshot_budget`.
+            `budget`.
 
     Example:
         >>> model = nn.Linear(2, 1)
@@ -186,7 +186,7 @@ class SnapshotRing:
 
     # -- helpers ------------------------------------------------------------------------
     def _slots_in_budget(self, keep: int, layout: Layout) -> int:
-        """How many slots the budget holds (estimated: `snapshot_budget`); logged when
+        """How many slots the budget holds (estimated: `budget`); logged when
         fewer than ``keep``; a `SnapshotError` when not even one."""
         world = dist.get_world_size(self.group) if self.split else 1
         estimate = slot_estimate(self._slot_bytes(layout), self.optimizers, split_world=world)

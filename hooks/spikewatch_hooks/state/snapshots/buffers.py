@@ -7,7 +7,7 @@ taking a snapshot never waits for the device (the ring records a CUDA event inst
 
 Example:
     >>> import torch
-    >>> from spikewatch_hooks.state.snapshot_plan import plan
+    >>> from spikewatch_hooks.state.snapshots.plan import plan
     >>> live = {("model", "w"): torch.ones(2, 3), ("model", "b"): torch.zeros(3)}
     >>> store = HostStore(plan(live).entries)
     >>> store.copy_from(live)
@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from spikewatch_hooks.state.snapshot_plan import Entry, Key, local
+from spikewatch_hooks.state.snapshots.plan import Entry, Key, local
 
 
 class HostStore:

@@ -9,9 +9,9 @@ from typing import Any
 import torch
 
 from spikewatch_hooks.distributed.split_ring import SplitStore
-from spikewatch_hooks.state.host_buffers import HostStore
-from spikewatch_hooks.state.snapshot_plan import Entry, Key, Layout, LiveState, local
-from spikewatch_hooks.state.snapshot_split import blank
+from spikewatch_hooks.state.snapshots.buffers import HostStore
+from spikewatch_hooks.state.snapshots.plan import Entry, Key, Layout, LiveState, local
+from spikewatch_hooks.state.snapshots.split import blank
 
 
 @dataclass(eq=False)

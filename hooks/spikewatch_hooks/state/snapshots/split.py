@@ -10,7 +10,7 @@ stay whole on every rank: a few bytes, and often on another device than the rest
 
 Example:
     >>> import torch
-    >>> from spikewatch_hooks.state.snapshot_plan import plan
+    >>> from spikewatch_hooks.state.snapshots.plan import plan
     >>> layout = plan({("model", "w"): torch.ones(4), ("optim", 0, 0, "step"): torch.tensor(1.0)})
     >>> wants_split(None, torch.nn.Linear(1, 1), layout, None)  # no process group
     False
@@ -27,7 +27,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from spikewatch_hooks.state.snapshot_plan import Entry, Layout, SnapshotError
+from spikewatch_hooks.state.snapshots.plan import Entry, Layout, SnapshotError
 
 
 def wants_split(

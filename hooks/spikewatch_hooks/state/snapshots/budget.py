@@ -18,7 +18,7 @@ Example:
     >>> slots_within(budget=1000, keep=4, slot_bytes=1320)
     Traceback (most recent call last):
     ...
-    spikewatch_hooks.state.snapshot_plan.SnapshotError: snapshot_budget_bytes=1000 is \
+    spikewatch_hooks.state.snapshots.plan.SnapshotError: snapshot_budget_bytes=1000 is \
 too small for one snapshot (1,320 bytes per slot on this rank); raise it to at least \
 1320 (keep_snapshots=4 needs 5,280), or leave it None for no cap
 """
@@ -29,7 +29,7 @@ from collections.abc import Sequence
 
 import torch
 
-from spikewatch_hooks.state.snapshot_plan import SnapshotError, local
+from spikewatch_hooks.state.snapshots.plan import SnapshotError, local
 
 #: State tensors the size of its parameter that an optimizer keeps, by class name.
 _STATE_PER_PARAM = {
