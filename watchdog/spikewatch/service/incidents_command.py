@@ -65,7 +65,8 @@ def with_commands(
     incidents: list[dict[str, Any]], commands: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
     """Each incident with its newest command (``command``); an incident whose command the
-    trainer has not applied yet shows that command's status, never ``closed``.
+    trainer has not applied yet shows that command's status, never ``closed``. Every
+    incident has a ``verdict`` (None: no forensics verdict, or a store from before them).
 
     Example:
         >>> inc = [{"id": "loss-spike-5", "status": "closed", "action": "rollback"}]
@@ -73,10 +74,13 @@ def with_commands(
         ...         "status": "pending"}]
         >>> with_commands(inc, cmd)[0]["status"], with_commands(inc, [])[0]["status"]
         ('rollback pending', 'closed')
+        >>> print(with_commands(inc, [])[0]["verdict"])
+        None
     """
     newest = {c.get("incident"): c for c in commands if c.get("incident")}
     out = []
-    for incident in incidents:
+    for stored in incidents:
+        incident = {**stored, "verdict": stored.get("verdict")}
         cmd = newest.get(incident.get("id"))
         if cmd is None:
             out.append(incident)
