@@ -25,6 +25,7 @@ from spikewatch.service.metrics import (
     METRICS,
     RUN_STATES,
     SIGNAL_KINDS,
+    VERDICT_CAUSES,
 )
 
 if sys.version_info >= (3, 11):
@@ -49,6 +50,7 @@ def load_yaml(path: Path) -> Any:
 # Label values the rules may match, by label: what the exporter can emit.
 LABEL_VALUES: dict[str, tuple[str, ...]] = {
     "kind": SIGNAL_KINDS,
+    "cause": VERDICT_CAUSES,
     "state": RUN_STATES,
     "source": COLLECTOR_SOURCES,
     "sink": ("slack",),

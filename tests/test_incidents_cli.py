@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
-from service_process import ServiceProcess
+from forensics_trainer import BAD_INDICES, judged_rollback
+from service_process import TOKEN, ServiceProcess
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -86,3 +89,52 @@ def test_an_incident_waiting_on_its_command_does_not_show_closed(tmp_path: Path)
     assert "rollback pending" in table.stdout
     [done] = [i for i in applied if i["action"] == "rollback"]
     assert done["status"] != "rollback pending" and done["command"]["status"] == "applied"
+
+
+def cause_in(row: str, header: str) -> str:
+    """The cause column of a table row (a status may hold a space: "rollback pending")."""
+    return row[header.index(" cause ") + 1 :].split(maxsplit=1)[0]
+
+
+def test_a_verdict_shows_its_cause_and_what_it_found_under_its_incident(tmp_path: Path) -> None:
+    with ServiceProcess(tmp_path) as svc:
+        judged = judged_rollback(svc.url, "gpt-data", TOKEN, cause="data")
+        plain = [{"step": t, "loss": 3.0 if t < 300 else 6.0} for t in range(400)]
+        assert svc.post("/v1/runs/plain/records", {"records": plain})[0] == 200
+        table, from_db = _cli("--url", svc.url), _cli("--db", str(svc.db))
+        as_json = _cli("--url", svc.url, "--run", "gpt-data", "--json")
+    assert table.returncode == from_db.returncode == as_json.returncode == 0, table.stderr
+    assert from_db.stdout == table.stdout
+    lines = table.stdout.splitlines()
+    assert lines[0].split()[-2:] == ["cause", "reason"]
+    [row] = [n for n, line in enumerate(lines) if line.startswith("gpt-data ")]
+    assert cause_in(lines[row], lines[0]) == "data"
+    under = list(itertools.takewhile(lambda line: line.startswith(" "), lines[row + 1 :]))
+    first = ", ".join(str(i) for i in BAD_INDICES[:5])
+    assert under[0].startswith("  └ why: 2 of 3 suspect batches and 12 samples stand out")
+    assert under[-2:] == [
+        "    action: skip the batches, quarantine the samples",
+        f"    samples: {first} +7 more",
+    ]
+    # The why is wrapped under itself, never cut: every word of it is there.
+    why = " ".join(line.strip() for line in under[:-2]).removeprefix("└ why: ")
+    assert why == judged.verdict.why
+    assert all(len(line) <= 100 for line in under) and len(under) > 3
+    # An incident without a verdict: "-", and nothing under its row.
+    plain_rows = [n for n, line in enumerate(lines) if line.startswith("plain ")]
+    assert plain_rows and all(cause_in(lines[n], lines[0]) == "-" for n in plain_rows)
+    assert all(not lines[n + 1].startswith(" ") for n in plain_rows if n + 1 < len(lines))
+    [shown] = [json.loads(line) for line in as_json.stdout.splitlines()]
+    assert shown["verdict"]["samples"] == judged.verdict.to_json()["samples"]
+
+
+def test_a_store_from_before_verdicts_lists_with_no_cause(tmp_path: Path) -> None:
+    with ServiceProcess(tmp_path) as svc:
+        judged_rollback(svc.url, "gpt-data", TOKEN, cause="data")
+    with sqlite3.connect(svc.db) as raw:  # as an older spikewatch wrote the incidents
+        raw.execute("UPDATE incidents SET body = json_remove(body, '$.verdict')")
+    table, as_json = _cli("--db", str(svc.db)), _cli("--db", str(svc.db), "--json")
+    assert table.returncode == as_json.returncode == 0, table.stderr
+    header, *rows = table.stdout.splitlines()
+    assert rows and all(cause_in(row, header) == "-" for row in rows), table.stdout
+    assert all(json.loads(line)["verdict"] is None for line in as_json.stdout.splitlines())

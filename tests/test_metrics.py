@@ -29,6 +29,7 @@ from spikewatch.service.metrics import (
     METRICS,
     RUN_STATES,
     SIGNAL_KINDS,
+    VERDICT_CAUSES,
     ServiceCollector,
     SinkCounts,
     build_registry,
@@ -133,6 +134,17 @@ def test_every_signal_kind_is_present_from_the_first_scrape() -> None:
     }
     assert SIGNAL_KINDS == ("nonfinite", "spike", "level_shift", "divergence")
     assert got == {key: (3.0 if key == ("r1", "spike") else 0.0) for key in got}
+
+
+def test_every_verdict_cause_is_present_from_the_first_scrape() -> None:
+    c = collector_for(run_status(verdicts={"data": 2}), run_status("r2"))
+    got = {
+        (run, cause): value(c, "spikewatch_verdicts_total", run=run, cause=cause)
+        for run in ("r1", "r2")
+        for cause in VERDICT_CAUSES
+    }
+    assert VERDICT_CAUSES == ("data", "state", "unknown")
+    assert got == {key: (2.0 if key == ("r1", "data") else 0.0) for key in got}
 
 
 @pytest.mark.parametrize("state", RUN_STATES)

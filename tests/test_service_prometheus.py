@@ -14,9 +14,10 @@ from typing import Any
 
 import pytest
 
+from forensics_trainer import judged_rollback
 from prometheus_server import PROMETHEUS, PROMTOOL, PrometheusServer, require_binary, sample_value
 from service_client import HEALTHY, SPIKING
-from service_process import ServiceProcess
+from service_process import TOKEN, ServiceProcess
 
 RUN = "prom-run"
 
@@ -97,3 +98,20 @@ def test_prometheus_sees_the_spike_the_rollback_and_the_latest_values(
         assert [s["metric"]["run"] for s in stale] == [RUN]
         (state,) = prom.query(f'spikewatch_run_state{{run="{RUN}",state="active"}}')
         assert sample_value(state) == 1
+
+
+def test_prometheus_counts_the_trainers_verdicts_by_cause(
+    service: ServiceProcess, tmp_path: Path
+) -> None:
+    require_binary(PROMETHEUS)
+    judged_rollback(service.url, "prom-verdicts", TOKEN, cause="data")
+    with PrometheusServer([f"127.0.0.1:{service.port}"], tmp_path, "1s") as prom:
+        wanted = 'spikewatch_verdicts_total{run="prom-verdicts",cause="data"}'
+        assert value(prom, wanted, 1) == 1
+        # Every cause is exported from the first verdict on (0 until it happens), so
+        # increase() over a cause works before its first verdict.
+        by_cause = prom.query('spikewatch_verdicts_total{run="prom-verdicts"}')
+        assert {s["metric"]["cause"]: sample_value(s) for s in by_cause} == {
+            "data": 1.0, "state": 0.0, "unknown": 0.0
+        }  # fmt: skip
+        assert {s["metric"]["job"] for s in by_cause} == {"spikewatch"}

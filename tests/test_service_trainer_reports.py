@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from spikewatch.forensics import Verdict
 from spikewatch.monitor import Monitor
 from spikewatch.records import Decision, StepRecord
 from spikewatch.service.app import create_app
@@ -135,6 +136,32 @@ def test_the_service_hands_a_starting_trainer_its_settings(tmp_path: Path) -> No
     assert body["approval"] == {"mode": "manual", "timeout_s": 60.0, "default": "veto"}
 
 
+_VERDICT = Verdict(cause="data", incident="loss-spike-500", step=515, onset_step=500).to_json()
+_ROLLBACK = Decision(run="r", step=515, action="rollback", reason="loss jumped").to_json()
+
+
+def _verdict_event(**changes: Any) -> dict[str, Any]:
+    return {"event": "verdict", "verdict": _VERDICT, "decision": _ROLLBACK, **changes}
+
+
+#: Verdict events the ingest refuses, and the field its 422 names.
+_BAD_VERDICTS: list[tuple[dict[str, Any], str]] = [
+    ({"event": "verdict", "decision": _ROLLBACK}, "events[0].verdict"),
+    (_verdict_event(verdict=[_VERDICT]), "events[0].verdict"),
+    (_verdict_event(verdict={**_VERDICT, "cause": "cosmic rays"}), "events[0].verdict.cause"),
+    (_verdict_event(verdict={**_VERDICT, "step": "515"}), "events[0].verdict.step"),
+    (_verdict_event(verdict={**_VERDICT, "step": 2**64}), "events[0].verdict.step"),
+    (_verdict_event(verdict={**_VERDICT, "why": "x" * 10_001}), "events[0].verdict.why"),
+    (_verdict_event(verdict={**_VERDICT, "samples": [{"index": 3}]}), "events[0].verdict.samples"),
+    (_verdict_event(verdict={**_VERDICT, "colour": "red"}), "events[0].verdict.colour"),
+    (
+        _verdict_event(verdict={k: v for k, v in _VERDICT.items() if k != "incident"}),
+        "events[0].verdict.incident",
+    ),
+    (_verdict_event(decision={"action": "explode"}), "events[0].decision"),
+]
+
+
 @pytest.mark.parametrize(
     ("extra", "field"),
     [
@@ -146,6 +173,7 @@ def test_the_service_hands_a_starting_trainer_its_settings(tmp_path: Path) -> No
         ),
         ({"decisions": [], "restorable": ["x"]}, "restorable"),
         ({"restorable": [1]}, "decisions"),
+        *[({"decisions": [], "events": [event]}, field) for event, field in _BAD_VERDICTS],
     ],
 )
 def test_a_bad_report_is_a_422_naming_the_field(

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from spikewatch import __version__, demo_command
 from spikewatch.errors import SpikewatchError
+from spikewatch.forensics import quarantine_command
 from spikewatch.replay import command as replay_command
 from spikewatch.service import command as serve_command
 from spikewatch.service import incidents_command
@@ -27,6 +28,7 @@ SUBCOMMANDS: tuple[Register, ...] = (
     replay_command.register,
     serve_command.register,
     incidents_command.register,
+    quarantine_command.register,
 )
 
 

@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from spikewatch.errors import SpikewatchError
-
-COLUMNS = ("run", "id", "kind", "onset_step", "detected_step", "action", "status", "reason")
+from spikewatch.service.incidents_table import format_table
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -65,7 +64,8 @@ def with_commands(
     incidents: list[dict[str, Any]], commands: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
     """Each incident with its newest command (``command``); an incident whose command the
-    trainer has not applied yet shows that command's status, never ``closed``.
+    trainer has not applied yet shows that command's status, never ``closed``. Every
+    incident has a ``verdict`` (None: no forensics verdict, or a store from before them).
 
     Example:
         >>> inc = [{"id": "loss-spike-5", "status": "closed", "action": "rollback"}]
@@ -73,10 +73,13 @@ def with_commands(
         ...         "status": "pending"}]
         >>> with_commands(inc, cmd)[0]["status"], with_commands(inc, [])[0]["status"]
         ('rollback pending', 'closed')
+        >>> print(with_commands(inc, [])[0]["verdict"])
+        None
     """
     newest = {c.get("incident"): c for c in commands if c.get("incident")}
     out = []
-    for incident in incidents:
+    for stored in incidents:
+        incident = {**stored, "verdict": stored.get("verdict")}
         cmd = newest.get(incident.get("id"))
         if cmd is None:
             out.append(incident)
@@ -117,48 +120,6 @@ def _error_text(body: bytes) -> str:
     except (ValueError, AttributeError):
         message = None
     return str(message) if message else body[:200].decode(errors="replace").strip()
-
-
-def shorten(text: str, width: int) -> str:
-    """``text`` cut at a word boundary to at most ``width`` characters, with an ellipsis.
-
-    Example:
-        >>> shorten("the loss jumped and did not come back", 24)
-        'the loss jumped and did…'
-        >>> shorten("short", 24)
-        'short'
-    """
-    if len(text) <= width:
-        return text
-    cut = text[: width - 1]
-    space = cut.rfind(" ")
-    if text[width - 1] != " " and space > width // 2:  # mid-word: back to the last space
-        cut = cut[:space]
-    return cut.rstrip(" ,;:") + "…"
-
-
-def format_table(incidents: list[dict[str, Any]], *, reason_width: int | None = 60) -> str:
-    """Incidents as an aligned table; reasons shortened at a word to ``reason_width``
-    characters with an ellipsis (None: whole, what ``--wide`` prints).
-
-    Example:
-        >>> print(format_table([{"run": "r", "id": "loss-spike-5", "kind": "spike",
-        ...     "onset_step": 5, "detected_step": 5, "action": "watch", "status": "closed",
-        ...     "reason": "one bad batch"}]))
-        run  id            kind   onset_step  detected_step  action  status  reason
-        r    loss-spike-5  spike  5           5              watch   closed  one bad batch
-    """
-    if not incidents:
-        return "no incidents"
-    rows = [[str(i.get(c, "")) for c in COLUMNS] for i in incidents]
-    if reason_width is not None:
-        for row in rows:
-            row[-1] = shorten(row[-1], reason_width)
-    widths = [max(len(c), *(len(r[k]) for r in rows)) for k, c in enumerate(COLUMNS)]
-    lines = [COLUMNS, *rows]
-    return "\n".join(
-        "  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip() for line in lines
-    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -11,11 +11,14 @@ from typing import Literal, get_args
 
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
 
+from spikewatch.forensics.verdict import CAUSES
 from spikewatch.records import SignalKind
 from spikewatch.service.status import RunState
 
 SIGNAL_KINDS: tuple[str, ...] = get_args(SignalKind)
 """Values of the ``kind`` label of ``spikewatch_signals_total`` (always all exported)."""
+VERDICT_CAUSES: tuple[str, ...] = CAUSES
+"""Values of the ``cause`` label of ``spikewatch_verdicts_total`` (always all exported)."""
 RUN_STATES: tuple[str, ...] = get_args(RunState)
 """Values of the ``state`` label of ``spikewatch_run_state`` (one-hot per run)."""
 INGEST_OUTCOMES: tuple[str, ...] = ("accepted", "rejected", "unauthorized")
@@ -97,6 +100,11 @@ METRICS: tuple[MetricSpec, ...] = (
     ),
     _spec("spikewatch_run_state", "run state", "1 for the run's current state, 0 for the others."),
     _spec("spikewatch_signals_total", "run kind", "Detector signals raised for the run, by kind."),
+    _spec(
+        "spikewatch_verdicts_total",
+        "run cause",
+        "Forensics verdicts on the run's rollbacks, by cause (data, state, unknown).",
+    ),
     _spec("spikewatch_sink_deliveries_total", "sink", "Messages the sink delivered."),
     _spec("spikewatch_sink_failures_total", "sink", "Sink deliveries that failed after retries."),
     _spec(

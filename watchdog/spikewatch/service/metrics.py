@@ -52,6 +52,7 @@ from spikewatch.service.metric_specs import (
     METRICS,
     RUN_STATES,
     SIGNAL_KINDS,
+    VERDICT_CAUSES,
     MetricSpec,
     SinkCounts,
 )
@@ -59,7 +60,8 @@ from spikewatch.service.status import JobStatus, RunStatus
 
 __all__ = [
     "COLLECTOR_SOURCES", "INGEST_OUTCOMES", "METRICS", "METRIC_NAMES", "RUN_STATES",
-    "SIGNAL_KINDS", "MetricSpec", "ServiceCollector", "SinkCounts", "build_registry", "render",
+    "SIGNAL_KINDS", "VERDICT_CAUSES", "MetricSpec", "ServiceCollector", "SinkCounts",
+    "build_registry", "render",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -117,6 +119,8 @@ def _run_samples(statuses: Iterable[RunStatus]) -> list[_Sample]:
             samples.append(("spikewatch_run_state", (run, state), float(status.state == state)))
         for kind, count in _with_known(SIGNAL_KINDS, status.signals):
             samples.append(("spikewatch_signals_total", (run, kind), float(count)))
+        for cause, count in _with_known(VERDICT_CAUSES, status.verdicts):
+            samples.append(("spikewatch_verdicts_total", (run, cause), float(count)))
     return samples
 
 

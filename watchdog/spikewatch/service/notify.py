@@ -10,7 +10,7 @@ drawn by the sender, off the ingest path.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from spikewatch.incidents import Incident
 from spikewatch.service.status import RunStatus
@@ -72,6 +72,22 @@ def incident_notice(
 def follow_up_notice(run: str, incident_id: str, text: str) -> Notice:
     """Add ``text`` to the incident's thread (a plain message when it has none)."""
     body = {"run": run, "incident": incident_id, "text": text}
+    return Notice(kind="follow_up", key=incident_key(run, incident_id), body=body)
+
+
+def verdict_notice(run: str, incident_id: str, verdict: dict[str, Any]) -> Notice:
+    """Add a forensics verdict (`Verdict.to_json`) to the incident's thread.
+
+    A follow-up whose Block Kit the sender draws from ``verdict``; ``text`` says it in
+    one line, for a sender that only knows plain follow-ups.
+
+    Example:
+        >>> n = verdict_notice("r", "i1", {"cause": "state", "why": "batches look ordinary"})
+        >>> n.kind, n.key, n.body["text"]
+        ('follow_up', 'r/i1', 'forensics: state (batches look ordinary)')
+    """
+    text = f"forensics: {verdict['cause']} ({verdict.get('why', '')})"
+    body = {"run": run, "incident": incident_id, "text": text, "verdict": verdict}
     return Notice(kind="follow_up", key=incident_key(run, incident_id), body=body)
 
 

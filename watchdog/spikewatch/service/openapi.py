@@ -26,6 +26,56 @@ _RECORD_SCHEMA = {
 }
 INGEST_PATH = "/v1/runs/{run}/records"
 
+_POSITIONS = {"type": "array", "items": {"type": "integer"}}
+_LOSS = {"type": ["number", "null"]}
+#: `Verdict.to_json` (checked field by field by `report_verdict`).
+_VERDICT_SCHEMA = {
+    "type": "object",
+    "required": ["cause", "incident", "step", "onset_step"],
+    "properties": {
+        "cause": {"enum": ["data", "state", "unknown"]},
+        "incident": {"type": "string"},
+        "step": {"type": "integer"},
+        "onset_step": {"type": "integer"},
+        "suspect_positions": _POSITIONS,
+        "outlier_positions": _POSITIONS,
+        "suspect_loss": _LOSS,
+        "reference_loss": _LOSS,
+        "samples": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["position", "loss"],
+                "properties": {
+                    "position": {"type": "integer"},
+                    "index": {"type": ["integer", "null"], "description": "dataset index"},
+                    "loss": {"type": "number"},
+                },
+            },
+        },
+        "forward_passes": {"type": "integer", "minimum": 0},
+        "seconds": {"type": "number"},
+        "why": {"type": "string"},
+        "action": {"type": "string"},
+    },
+    "additionalProperties": False,
+}
+_PROPOSAL_EVENT = {
+    "type": "object",
+    "required": ["event"],
+    "properties": {"event": {"enum": ["proposed", "folded", "refused", "expired"]}},
+}
+_VERDICT_EVENT = {
+    "type": "object",
+    "required": ["event", "verdict", "decision"],
+    "properties": {
+        "event": {"const": "verdict"},
+        "verdict": _VERDICT_SCHEMA,
+        "decision": {"type": "object", "description": "the rollback as it now stands"},
+    },
+    "description": "the forensics verdict after a rollback (trainer side: Monitor.adopt_verdict)",
+}
+
 _INGEST_BODY = {
     "required": True,
     "content": {
@@ -49,14 +99,9 @@ _INGEST_BODY = {
                     },
                     "events": {
                         "type": "array",
-                        "items": {
-                            "type": "object",
-                            "required": ["event"],
-                            "properties": {
-                                "event": {"enum": ["proposed", "folded", "refused", "expired"]}
-                            },
-                        },
-                        "description": "what the trainer did about proposals and commands",
+                        "items": {"oneOf": [_PROPOSAL_EVENT, _VERDICT_EVENT]},
+                        "description": "what the trainer did about proposals and commands, "
+                        "and the forensics verdict on a rollback",
                     },
                     "config": {
                         "type": ["object", "null"],

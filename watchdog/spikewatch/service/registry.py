@@ -31,6 +31,7 @@ from spikewatch.service.run import MirrorMonitor, ServiceRun
 from spikewatch.service.status import RunStatus
 from spikewatch.service.store import EventStore
 from spikewatch.service.store_schema import BatchWrite, StoredRun
+from spikewatch.service.verdicts import apply_verdicts
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +157,8 @@ class RunRegistry:
                 run, decisions, notices, min_action=self.config.notify_min_action
             )
             watch_recovery(run, decisions, notices)
+        if report is not None:  # after the announcements: a verdict follows its incident
+            write.incidents += apply_verdicts(run, report.events, notices)
         if was_stalled and (steps or batch.finished):
             run.stalled = False
             if run.stall_incident:  # records again, or the trainer says it finished

@@ -3,7 +3,8 @@
 A batch with a ``decisions`` array comes from a trainer whose own monitor decided every
 automatic action; the service then stores and announces those decisions instead of
 deciding itself. ``events`` say what the trainer did about proposals and operators'
-commands; ``config`` is its effective settings; ``restorable`` the steps it can restore.
+commands, and what forensics found after a rollback (``verdict``); ``config`` is its
+effective settings; ``restorable`` the steps it can restore.
 """
 
 from __future__ import annotations
@@ -12,13 +13,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from spikewatch.errors import WireFormatError
+from spikewatch.forensics.verdict import Verdict
 from spikewatch.records import Decision
+from spikewatch.service.report_verdict import verdict_problem
 
 #: The batch fields a deciding trainer adds.
 REPORT_FIELDS = frozenset(("decisions", "events", "config", "restorable"))
 #: What the trainer did: a rollback proposed (manual approval), folded into an open
-#: proposal, refused (a command it cannot carry out), or a proposal that timed out.
-EVENTS = frozenset(("proposed", "folded", "refused", "expired"))
+#: proposal, refused (a command it cannot carry out), a proposal that timed out, or the
+#: forensics verdict on a rollback (with the decision as it then stands).
+EVENTS = frozenset(("proposed", "folded", "refused", "expired", "verdict"))
 _MAX_ITEMS = 10_000
 
 
@@ -87,7 +91,22 @@ def _event(value: object, i: int) -> dict[str, Any]:
     if value["event"] == "proposed":
         decision = _decision(value.get("decision"), f"events[{i}].decision")
         return {**value, "decision": decision.to_json()}
+    if value["event"] == "verdict":
+        verdict = _verdict(value.get("verdict"), f"events[{i}].verdict")
+        decision = _decision(value.get("decision"), f"events[{i}].decision")
+        return {**value, "verdict": verdict.to_json(), "decision": decision.to_json()}
     return value
+
+
+def _verdict(value: object, path: str) -> Verdict:
+    problem = verdict_problem(value)
+    if problem is not None:
+        name, message = problem
+        raise _error(f"{path}{name}", f"{path}{message}")
+    try:
+        return Verdict.from_json(value)
+    except WireFormatError as exc:  # verdict_problem checks more: a safety net
+        raise _error(path, f"{path} is invalid: {exc}") from exc
 
 
 def _config(value: object) -> dict[str, Any] | None:

@@ -69,6 +69,7 @@ class ServiceRun:
         self.lr: float | None = None
         self.signals: Counter[str] = Counter()
         self.counts: Counter[str] = Counter()  # rollbacks, skipped_steps, skipped_batches
+        self.verdicts: Counter[str] = Counter()  # the trainer's forensics verdicts, by cause
         self.client_dropped = 0
         self.client: str | None = None
         self.seq: int | None = None
@@ -200,6 +201,7 @@ class ServiceRun:
             lr=self.lr,
             spike_score=self.monitor.loss.spike.score,
             signals=dict(self.signals),
+            verdicts=dict(self.verdicts),
             rollbacks=self.counts["rollbacks"],
             skipped_steps=self.counts["skipped_steps"],
             skipped_batches=self.counts["skipped_batches"],
@@ -232,6 +234,7 @@ class ServiceRun:
             "latest": [self.loss, self.grad_norm, self.lr],
             "signals": dict(self.signals),
             "counts": dict(self.counts),
+            "verdicts": dict(self.verdicts),
             "client_dropped": self.client_dropped,
             "client": self.client,
             "seq": self.seq,
@@ -271,6 +274,7 @@ class ServiceRun:
         run.last_record_time = info["last_record_time"]
         run.loss, run.grad_norm, run.lr = info["latest"]
         run.signals, run.counts = Counter(info["signals"]), Counter(info["counts"])
+        run.verdicts = Counter(info.get("verdicts", {}))  # none in an older store
         run.client_dropped, run.client, run.seq = (
             info["client_dropped"],
             info["client"],

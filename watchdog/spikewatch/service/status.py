@@ -25,6 +25,8 @@ class RunStatus:
         lr: learning rate of the newest record that had one.
         spike_score: robust z-score of the newest loss value (0 while warming up).
         signals: signals raised so far, by kind (spike, level_shift, nonfinite, divergence).
+        verdicts: forensics verdicts the trainer reported on its rollbacks, by cause
+            (data, state, unknown).
         rollbacks: rollbacks decided for the run.
         skipped_steps: optimizer steps the run was told to skip.
         skipped_batches: batches skipped by rollbacks (reported back by the trainer).
@@ -51,6 +53,7 @@ class RunStatus:
     lr: float | None
     spike_score: float
     signals: dict[str, int] = field(default_factory=dict)
+    verdicts: dict[str, int] = field(default_factory=dict)
     rollbacks: int = 0
     skipped_steps: int = 0
     skipped_batches: int = 0

@@ -16,10 +16,13 @@ from typing import Any
 
 from slack_sdk.errors import SlackClientError
 
+from spikewatch.errors import WireFormatError
+from spikewatch.forensics.verdict import Verdict
 from spikewatch.incidents import Incident
 from spikewatch.sinks.outbox import Outbox, OutboxRow, retry_delay
 from spikewatch.sinks.slack_delivery import DeliveryError, SlackPoster, retry_after_of
 from spikewatch.sinks.slack_messages import SlackMessage, follow_up_message, incident_message
+from spikewatch.sinks.slack_verdict import verdict_message
 
 logger = logging.getLogger("spikewatch.sinks.slack")
 
@@ -129,7 +132,10 @@ class SlackSender:
             with self.lock:
                 ts = self.threads.get(row.message.key) if incident_id else None
             threaded = ts is not None and self.poster.client is not None
-            self.poster.post(follow_up_message(run, incident_id, text, threaded=threaded), ts)
+            message = follow_up_message(run, incident_id, text, threaded=threaded)
+            if "verdict" in body:  # a forensics verdict: its own Block Kit message
+                message = _verdict_or(message, body["verdict"], run, incident_id, threaded)
+            self.poster.post(message, ts)
         else:
             self.poster.post(SlackMessage(str(body["text"]), list(body["blocks"])), None)
 
@@ -168,3 +174,16 @@ class SlackSender:
                 self.on_thread(key, ts)
             except Exception:
                 logger.exception("slack sink: on_thread callback failed for %s", key)
+
+
+def _verdict_or(
+    plain: SlackMessage, verdict: object, run: str, incident_id: str, threaded: bool
+) -> SlackMessage:
+    """The verdict's message; ``plain`` (its text) if the stored verdict does not parse,
+    so a bad row never holds up the rows behind it in its thread."""
+    try:
+        parsed = Verdict.from_json(verdict)
+    except WireFormatError:
+        logger.exception("slack sink: a stored verdict of %s/%s does not parse", run, incident_id)
+        return plain
+    return verdict_message(run, incident_id, parsed, threaded=threaded)
