@@ -82,7 +82,7 @@ def judged_rollback(
     else:
         raise AssertionError("the monitor never rolled back on SPIKING")
     verdict = probe(cause, rollbacks[0], monitor.config.forensics)
-    decided = transport.judge(rollbacks[0], verdict)
+    decided, _ = transport.judge(rollbacks[0], verdict)
     assert transport.finish(timeout=30), "the client did not deliver in 30 s"
     assert monitor.last_verdict is not None
     return Judged(rollbacks[0], monitor.last_verdict, decided, transport)

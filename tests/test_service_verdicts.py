@@ -24,6 +24,7 @@ from service_client import SLACK_TOKEN, SPIKING, delivered, metric, slack_sink, 
 from service_process import TOKEN, ServiceProcess
 from slack_emulator import Call, SlackEmulator, running_emulator
 from spikewatch.forensics import ForensicsConfig, Verdict
+from spikewatch.http_transport import HttpTransport
 from spikewatch.monitor import Monitor
 from spikewatch.records import StepRecord
 from spikewatch.service.app import create_app
@@ -279,7 +280,7 @@ def test_a_verdict_in_the_batch_of_its_rollback_still_lands_in_the_incidents_thr
         if decisions and decisions[-1].action == "rollback":
             break
     rollback = decisions[-1]
-    decided = monitor.adopt_verdict(rollback, probe("data", rollback, monitor.config.forensics))
+    decided, _ = monitor.adopt_verdict(rollback, probe("data", rollback, monitor.config.forensics))
     assert monitor.last_verdict is not None
     event = {
         "event": "verdict",
@@ -320,3 +321,24 @@ def test_a_stored_verdict_that_does_not_parse_is_posted_as_its_text(
         "Follow-up on incident `i1` in *r*: forensics: cosmic rays (written by hand)"
     )
     assert sink.failures == 0  # delivered, not retried forever ahead of its thread
+
+
+def test_an_event_the_service_refuses_is_not_sent_again_with_every_later_batch(
+    tmp_path: Path,
+) -> None:
+    """A 422 naming an event drops that event: put back into the next batch, it would
+    get every later batch refused and all the run's records lost."""
+    with ServiceProcess(tmp_path) as svc:
+        client = HttpTransport(svc.url, run="gpt-bad-event", token=TOKEN, flush_interval_s=0.05)
+        bad = {"event": "verdict", "verdict": {"cause": "data", "step": "x"}, "decision": {}}
+        first = [StepRecord(run="gpt-bad-event", step=s, loss=2.0) for s in range(10)]
+        client.report(first, [], [bad])
+        wait_for(lambda: client.failures >= 1, timeout=15, what="the refusal")
+        later = [StepRecord(run="gpt-bad-event", step=s, loss=2.0) for s in range(10, 60)]
+        client.report(later, [])
+        assert client.finish(timeout=15)
+        client.close(timeout=5)
+        status, view = svc.get("/v1/runs/gpt-bad-event")
+        assert status == 200, view
+        assert view["last_step"] == 59  # the later records were all taken
+        assert client.rejected_reports == 1 and client.rejected == 10

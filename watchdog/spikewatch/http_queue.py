@@ -8,6 +8,7 @@ drops it (`_commit`: delivered; `_drop`: never acceptable). Kept apart from
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections import deque
 from collections.abc import Sequence
@@ -41,6 +42,8 @@ class SendQueue:
         self._restorable: list[int] | None = None
         self._seq = 0
         self.sent = self.dropped = self.rejected = 0
+        self.rejected_reports = 0  # decisions and events the service named as invalid
+        self.rejected_field = ""  # the field the service's last 4xx named
         #: The status the service refused this client with (401/403: a wrong token);
         #: nothing is sent after it, and records are dropped and counted.
         self.refused: int | None = None
@@ -111,7 +114,13 @@ class SendQueue:
 
     def _drop(self, batch: Batch) -> None:
         """A batch the service can never take: drop its records, keep its acks, rewind
-        and finish for the next batch (they are not what was wrong with it)."""
+        and finish for the next batch (they are not what was wrong with it). Its
+        decisions and events go with the next batch too, unless the service named one of
+        them as what was wrong: sent again, they would get every later batch refused."""
+        field = self.rejected_field
+        if field.startswith(("decisions", "events")):
+            self.rejected_reports += len(batch.decisions or []) + len(batch.events)
+            batch = dataclasses.replace(batch, decisions=[], events=[])
         with self._lock:
             for _ in range(len(batch.records)):
                 self._queue.popleft()

@@ -296,6 +296,7 @@ class HttpTransport(SendQueue):
             self._handle(payload)
             return "sent"
         outcome, why = verdict(status, payload)
+        self.rejected_field = str(payload.get("field", "")) if isinstance(payload, dict) else ""
         if outcome == "refused":
             self.refused = status
         if outcome != "retry":

@@ -191,10 +191,11 @@ class ServiceTransport:
         Prometheus)."""
         decided, kept = self.monitor.adopt_verdict(decision, verdict)
         if self.client is not None:
+            sent = _within_limits(kept)
             self.client.report(
                 [],
                 [],
-                [{"event": "verdict", "verdict": kept.to_json(), "decision": decided.to_json()}],
+                [{"event": "verdict", "verdict": sent.to_json(), "decision": decided.to_json()}],
             )
         return decided, kept
 
@@ -206,3 +207,28 @@ class ServiceTransport:
         """Finish and stop the client."""
         if self.client is not None:
             self.client.close(timeout=timeout)
+
+
+#: Named samples a verdict carries to the service (the quarantine file holds them all).
+MAX_REPORTED_SAMPLES = 1000
+
+
+def _within_limits(verdict: Verdict) -> Verdict:
+    """The verdict as the service takes it: at most `MAX_REPORTED_SAMPLES` samples
+    (a larger array would be refused, and with it the batch it travels in).
+
+    Example:
+        >>> v = Verdict(cause="data", incident="i", step=9, onset_step=5, why="bad data",
+        ...             samples=[{"position": 5, "index": i, "loss": 9.0} for i in range(1500)])
+        >>> short = _within_limits(v)
+        >>> len(short.samples), short.why
+        (1000, 'bad data (the first 1000 of 1500 named samples)')
+    """
+    if len(verdict.samples) <= MAX_REPORTED_SAMPLES:
+        return verdict
+    return dataclasses.replace(
+        verdict,
+        samples=verdict.samples[:MAX_REPORTED_SAMPLES],
+        why=f"{verdict.why} (the first {MAX_REPORTED_SAMPLES} of {len(verdict.samples)} "
+        "named samples)",
+    )
