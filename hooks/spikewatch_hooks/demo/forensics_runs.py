@@ -24,7 +24,6 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn import functional
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -33,6 +32,7 @@ from spikewatch.policy import PolicyConfig
 from spikewatch.settings import MonitorConfig
 from spikewatch_hooks.demo.corpus import CharCorpus
 from spikewatch_hooks.demo.model import TinyGPT
+from spikewatch_hooks.demo.scenario import sample_loss
 from spikewatch_hooks.guard import SpikeGuard
 
 Scenario = Literal["random", "shift", "lr", "clean"]
@@ -100,14 +100,6 @@ def poisoned_indices(s: ForensicsSettings, scenario: Scenario) -> dict[int, str]
     first, count = s.poison_start * s.batch_size, s.poison_batches * s.batch_size
     chosen = torch.rand(count, generator=g) < s.poison_share
     return {first + i: scenario for i in range(count) if bool(chosen[i])}
-
-
-def sample_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Per-sample mean next-character loss: the probe's loss function."""
-    x, y = batch
-    logits = model(x)
-    per_token = functional.cross_entropy(logits.transpose(1, 2), y, reduction="none")
-    return per_token.mean(dim=1)
 
 
 @dataclass

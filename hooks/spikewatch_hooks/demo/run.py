@@ -85,6 +85,7 @@ def run_demo(
         "onset_step": guarded.onset_step,
         "detected_step": guarded.detected_step,
         "rollback_step": guarded.rollback_step,
+        "verdict": guarded.stats.get("last_verdict"),
         "poisoned_batches": [s.poison_start, s.poison_start + s.poison_batches],
         "steps": s.steps,
         "threads": threads,
@@ -138,6 +139,9 @@ def format_summary(r: dict[str, Any]) -> str:
         )
     else:
         lines.append("guard: no rollback happened")
+    verdict = r.get("verdict")
+    if verdict:  # after the rollback, from the restored state: data or state?
+        lines.append(f"forensics: {verdict['why']}\n  -> {verdict['action']}")
     threads = f" ({r['threads']} torch thread{'s' if r['threads'] > 1 else ''})"
     lines.append(f"took {r['seconds']} s{threads}" + (f"; chart: {r['plot']}" if r["plot"] else ""))
     return "\n".join(lines)

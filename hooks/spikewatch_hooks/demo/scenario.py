@@ -170,6 +170,7 @@ def _train_guarded(
         snapshot_every=s.snapshot_every,
         keep_snapshots=8,
         transport=transport,
+        probe_loss=sample_loss,  # forensics: after the rollback, was it the data?
     )
     for x, y in guard.batches(stream):
         step = guard.step_count
@@ -193,6 +194,14 @@ def _train_guarded(
         if incident.action == "rollback":
             result.onset_step, result.detected_step = incident.onset_step, incident.detected_step
             break
+
+
+def sample_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """Each sample's mean next-character loss (the forensics probe's loss function)."""
+    x, y = batch
+    logits = model(x)
+    per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), y, reduction="none")
+    return per_token.mean(dim=1)
 
 
 def _windows(tokens: torch.Tensor, starts: torch.Tensor, context: int) -> Batch:
