@@ -16,14 +16,17 @@ The pattern to copy
    about 1/world_size of the model's state per slot) and restores them in place.
 3. Pass ``clip_grad_norm_``'s result straight to ``guard.step`` (a replicated DTensor:
    the same norm on every rank, so every rank decides alike, in lockstep).
-4. ``guard.save_checkpoint(folder)`` writes a sharded DCP checkpoint (every rank at the
+4. ``probe_loss=`` turns on forensics: after a rollback every rank re-evaluates its
+   shard of the suspect batches forward only (the ranks agree on which, so the sharded
+   forward runs the same number of times everywhere) and they reach one verdict.
+5. ``guard.save_checkpoint(folder)`` writes a sharded DCP checkpoint (every rank at the
    same step); ``guard.resume(folder)`` loads it on any world size, skip ledger included.
 
 The demo: three runs of a small `TinyGPT` from the same initial weights: a clean one,
 one on data with a bad range of labels (both ranks' shards, late in the run, when the
 learning rate is low and the damage stays), unguarded, and the same guarded. Rank 0
 prints one JSON line (``world_size``, ``rollbacks``, ``clean_final_loss``,
-``unguarded_final_loss``, ``guarded_final_loss``, ``snapshot_bytes``, ...). With
+``unguarded_final_loss``, ``guarded_final_loss``, ``snapshot_bytes``, ``verdict``, ...). With
 ``--resume`` only the guarded run is trained, from the checkpoint to ``--steps``.
 """
 
@@ -48,6 +51,7 @@ from spikewatch.policy import PolicyConfig
 from spikewatch.settings import MonitorConfig
 from spikewatch_hooks.demo.corpus import CharCorpus, corpus_text
 from spikewatch_hooks.demo.model import TinyGPT
+from spikewatch_hooks.demo.scenario import sample_loss
 from spikewatch_hooks.guard import SpikeGuard
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -164,6 +168,7 @@ def train_guarded(
     guard = SpikeGuard(
         model=model, optimizer=opt, scheduler=sched, run_id="fsdp-example",
         config=s.guard_config(), snapshot_every=s.snapshot_every, keep_snapshots=8,
+        probe_loss=sample_loss,  # forensics: every rank probes its shard after a rollback
     )  # fmt: skip
     if args.resume:
         guard.resume(args.resume)
@@ -184,6 +189,7 @@ def train_guarded(
         "halted": stats["halted"],
         "skip_ledger": stats["skip_ledger"],
         "snapshot_bytes": stats["snapshot_bytes"],
+        "verdict": (stats["last_verdict"] or {}).get("cause"),
         "guarded_final_loss": held_out_loss(model, tokens, s),
         "steps": guard.step_count,
         "trained_positions": trained,

@@ -61,6 +61,7 @@ def test_a_sharded_run_rolls_back_once_and_ends_near_the_clean_run(
     assert start <= 105 and stop >= 130  # the bad range (Settings.bad_start, bad_batches)
     assert result["stderr"].count("spikewatch: rolled back") == 1  # rank 0 logs, once
     assert result["snapshot_bytes"] > 0
+    assert result["verdict"] == "data"  # random labels: both ranks' shards stand out
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed next to python")
