@@ -53,7 +53,9 @@ _INGEST_BODY = {
                             "type": "object",
                             "required": ["event"],
                             "properties": {
-                                "event": {"enum": ["proposed", "folded", "refused", "expired"]}
+                                "event": {
+                                    "enum": ["proposed", "folded", "refused", "expired", "verdict"]
+                                }
                             },
                         },
                         "description": "what the trainer did about proposals and commands",
