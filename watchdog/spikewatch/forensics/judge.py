@@ -5,6 +5,13 @@ loss and a robust spread (1.4826 x MAD, floored at 1 % of the median so that a h
 of near-identical references does not make every wobble an outlier). A suspect batch
 or sample is an outlier only when it is both far (``*_z`` spreads) and large
 (``*_ratio`` x the median) above it: a data problem the restored state finds hard.
+
+Samples are judged against the reference samples' own record: where ordinary samples
+pass that test too (heavy-tailed per-sample losses, such as a classifier's on noisily
+labelled data, where 1 sample in 10 can cost 10x the median), a suspect sample says
+nothing by passing it. Then the suspect batches must hold clearly more such samples
+than the reference rate predicts (3 Poisson sigmas above it), and only those beyond
+the highest reference loss are named.
 """
 
 from __future__ import annotations
@@ -93,7 +100,7 @@ def judge(
     outliers = [
         b.position for b in suspect if batches.outlier(b.loss, config.batch_ratio, config.batch_z)
     ]
-    named = [] if samples is None else _outlying_samples(suspect, samples, config)
+    named = [] if samples is None else _outlying_samples(suspect, ref_samples, samples, config)
     suspect_loss = statistics.median([b.loss for b in suspect])
     worst = max(b.loss for b in suspect)
     numbers = (
@@ -131,11 +138,44 @@ def judge(
 
 
 def _outlying_samples(
-    suspect: Sequence[BatchLoss], scale: _Scale, config: ForensicsConfig
+    suspect: Sequence[BatchLoss],
+    reference: Sequence[float],
+    scale: _Scale,
+    config: ForensicsConfig,
 ) -> list[dict[str, object]]:
-    return [
+    """The suspect samples that stand out (module docstring: the reference's record).
+
+    Example:
+        >>> cfg = ForensicsConfig()
+        >>> light = [2.0 + 0.01 * (i % 5) for i in range(40)]  # no reference sample passes
+        >>> bad = [BatchLoss(9, 3.0, [(1, 2.02), (2, 7.5)])]
+        >>> [s["index"] for s in _outlying_samples(bad, light, _Scale.of(light), cfg)]
+        [2]
+        >>> heavy = light[:36] + [9.0, 12.0, 15.0, 20.0]  # 1 in 10 passes: ordinary
+        >>> _outlying_samples(bad, heavy, _Scale.of(heavy), cfg)
+        []
+    """
+
+    def passes(loss: float) -> bool:
+        return scale.outlier(loss, config.sample_ratio, config.sample_z)
+
+    found: list[dict[str, object]] = [
         {"position": b.position, "index": index, "loss": loss}
         for b in suspect
         for index, loss in b.samples
-        if scale.outlier(loss, config.sample_ratio, config.sample_z)
+        if passes(loss)
     ]
+    ordinary = sum(passes(v) for v in reference)
+    if not ordinary or not found:
+        return found
+    total = sum(len(b.samples) for b in suspect)
+    expected = ordinary / len(reference) * total
+    if len(found) < expected + 3.0 * math.sqrt(expected) + 1.0:
+        return []  # no more than ordinary samples would give
+    highest = max((v for v in reference if math.isfinite(v)), default=math.inf)
+    return [s for s in found if not _loss(s) <= highest]  # NaN: named (the input did it)
+
+
+def _loss(sample: dict[str, object]) -> float:
+    loss = sample["loss"]
+    return float(loss) if isinstance(loss, int | float) else math.nan
