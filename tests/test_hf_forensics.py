@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -197,7 +198,9 @@ def test_a_quarantine_file_drops_its_samples_from_a_later_run(
     run = data_runs("gpt2")
     named = {s["index"] for s in run["stats"]["last_verdict"]["samples"]}
     s = replace(S, steps=260)
-    callback = guard(s, quarantine_file=run["quarantine"])
+    quarantine = tmp_path / "quarantine.jsonl"
+    shutil.copy(run["quarantine"], quarantine)  # the module's run keeps its own
+    callback = guard(s, quarantine_file=quarantine)
     train_run(corpus, tmp_path, s, trouble="data", callbacks=[callback])
     stats = callback.stats
     assert stats["quarantined_samples_skipped"] == len(named) == 16 * 16 - S.poison_offset
