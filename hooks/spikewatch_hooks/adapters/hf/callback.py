@@ -92,14 +92,10 @@ class SpikewatchCallback(TrainerCallback):
         monitor_url: send records to a `spikewatch serve` at this URL instead (its
             decisions come back as commands, applied at the next step boundary).
         token: the service's bearer token (default: ``$SPIKEWATCH_TOKEN``).
-        probe_loss: ``probe_loss(model, batch)`` -> per-sample losses ([B]) or a scalar,
-            for the forensics probe after a rollback; default: derived from the model's
-            head (causal LM, sequence classification: `hf.probe_loss`).
-        quarantine_file: JSONL file of the samples a ``data`` verdict named (by dataset
-            index); samples in it are dropped from their batches.
-        forensics: False turns the probe, its batch cache and the quarantine off.
-        probe_cache_batches / probe_cache_bytes: the recent micro-batches (and bytes of
-            them) kept for the probe (references, not copies).
+        probe_loss, quarantine_file, forensics, probe_cache_batches, probe_cache_bytes:
+            the forensics probe after a rollback (`ForensicsOptions`, `hf.forensics`);
+            ``probe_loss`` defaults to one derived from the model's head (causal LM,
+            sequence classification: `hf.probe_loss`).
 
     Example:
         >>> SpikewatchCallback(run_id="gpt", margin=20).options.config.policy.margin

@@ -13,7 +13,8 @@
   trained before the checkpoint through the recorder and never yields them: they are
   left out of the epoch's log. A loader that is not a map-style DataLoader, or a resumed
   run on a transformers without ``get_resumed_dataloader`` (it skips batches out of
-  sight), names samples by position and row only (index None).
+  sight), or accelerate's ``dispatch_batches`` (rank 0 slices whole batches), names
+  samples by position and row only (index None).
 - Quarantine: the quarantined samples' rows are dropped before the Trainer counts the
   step's items (``num_items_in_batch``); a batch with nothing left is passed over like a
   ledger batch, and the step takes the next one.
@@ -142,7 +143,9 @@ def _derived(model: nn.Module, options: ForensicsOptions) -> Any:
 
 def _torch_loader(loader: Any) -> Any:
     """The torch DataLoader that draws the batches: accelerate's adapters
-    (``DataLoaderShard``) keep it as ``base_dataloader`` and forward attributes to it."""
-    if loader is None:
+    (``DataLoaderShard``) keep it as ``base_dataloader`` and forward attributes to it.
+    None for accelerate's ``DataLoaderDispatcher`` (``dispatch_batches``): rank 0 draws
+    whole batches and hands each rank a slice, so no rank's indices match its rows."""
+    if loader is None or type(loader).__name__ == "DataLoaderDispatcher":
         return None
     return vars(loader).get("base_dataloader", loader) if hasattr(loader, "__dict__") else loader
