@@ -17,8 +17,6 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from spikewatch.forensics.verdict import Verdict
-from spikewatch.records import Decision
 from spikewatch.service.app import create_app
 from spikewatch.service.config import ServiceConfig
 from spikewatch.service.core import Service
@@ -120,7 +118,6 @@ def one(**record: Any) -> dict[str, Any]:
     return {"records": [{k: v for k, v in fields.items() if v is not None}]}
 
 
-ROLLBACK = Decision(run=RUN, step=9, action="rollback", reason="spike").to_json()
 BAD_BODIES = [
     pytest.param({"records": [*GOOD, {"step": 3, "loss": "2"}]}, "records[3].loss", id="str-loss"),
     pytest.param(one(step=True), "records[0].step", id="bool-step"),
@@ -148,9 +145,6 @@ BAD_BODIES = [
     pytest.param({**OK_BODY, "acks": "c1"}, "acks", id="str-acks"),
     pytest.param({**OK_BODY, "acks": [1]}, "acks", id="int-ack"),
     pytest.param({**OK_BODY, "rewind_to": 1.5}, "rewind_to", id="float-rewind"),
-    pytest.param({**OK_BODY, "decisions": [], "events": [{"event": "verdict", "decision":
-                  ROLLBACK, "verdict": {"cause": "maybe"}}]}, "events[0].verdict",
-                 id="bad-verdict"),
 ]  # fmt: skip
 
 
@@ -161,17 +155,6 @@ def test_a_wrong_type_is_422_naming_the_field(client: TestClient, body: Any, fie
     assert answer.json()["field"] == field
     assert answer.json()["error"].startswith(field)
     assert client.get(f"/v1/runs/{RUN}").status_code == 404  # nothing half-ingested
-
-
-def test_a_trainers_forensics_verdict_is_taken(client: TestClient) -> None:
-    """`ServiceTransport.judge` reports a rollback's verdict as an event with its records."""
-    verdict = Verdict(cause="data", incident="r:1", step=9, onset_step=5, why="bad bytes",
-                      action="skip the batches, quarantine the samples")  # fmt: skip
-    event = {"event": "verdict", "decision": ROLLBACK, "verdict": verdict.to_json()}
-    body = {**OK_BODY, "decisions": [], "events": [event]}
-    answer = ingest(client, json.dumps(body).encode())
-    assert answer.status_code == 200, answer.text
-    assert answer.json()["accepted"] == 1
 
 
 def test_non_finite_losses_are_data(client: TestClient) -> None:
@@ -280,9 +263,9 @@ decision_like = st.fixed_dictionaries(
               "lr_factor": numbers | json_values, "skip_ahead": edge_ints | json_values},
 )  # fmt: skip
 event_like = st.fixed_dictionaries(
-    {"event": st.sampled_from(["proposed", "folded", "refused", "expired", "verdict", "other"])},
+    {"event": st.sampled_from(["proposed", "folded", "refused", "expired", "other"])},
     optional={"proposal": json_values, "decision": decision_like | json_values,
-              "outcome": json_values, "reason": json_values, "verdict": json_values},
+              "outcome": json_values, "reason": json_values},
 )  # fmt: skip
 ingest_like = st.fixed_dictionaries(
     {"records": st.lists(record_like, max_size=6)},

@@ -95,10 +95,6 @@ def apply_events(
         elif kind == "refused":
             text = f"the trainer refused an operator's rollback: {event.get('reason', '')}"
             notices.append(follow_up_notice(run.run, "", text))
-        elif kind == "verdict":  # forensics after a rollback: what the trainer found
-            verdict = event["verdict"]
-            text = f"forensics: {verdict['cause']} ({verdict['why']}); {verdict['action']}"
-            notices.append(follow_up_notice(run.run, str(verdict["incident"]), text))
     return changed
 
 

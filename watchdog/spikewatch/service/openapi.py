@@ -53,9 +53,7 @@ _INGEST_BODY = {
                             "type": "object",
                             "required": ["event"],
                             "properties": {
-                                "event": {
-                                    "enum": ["proposed", "folded", "refused", "expired", "verdict"]
-                                }
+                                "event": {"enum": ["proposed", "folded", "refused", "expired"]}
                             },
                         },
                         "description": "what the trainer did about proposals and commands",

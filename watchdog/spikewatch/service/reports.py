@@ -12,15 +12,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from spikewatch.errors import WireFormatError
-from spikewatch.forensics.verdict import Verdict
 from spikewatch.records import Decision
 
 #: The batch fields a deciding trainer adds.
 REPORT_FIELDS = frozenset(("decisions", "events", "config", "restorable"))
 #: What the trainer did: a rollback proposed (manual approval), folded into an open
-#: proposal, refused (a command it cannot carry out), a proposal that timed out, or a
-#: forensics verdict on a rollback (`ServiceTransport.judge`).
-EVENTS = frozenset(("proposed", "folded", "refused", "expired", "verdict"))
+#: proposal, refused (a command it cannot carry out), or a proposal that timed out.
+EVENTS = frozenset(("proposed", "folded", "refused", "expired"))
 _MAX_ITEMS = 10_000
 
 
@@ -89,13 +87,6 @@ def _event(value: object, i: int) -> dict[str, Any]:
     if value["event"] == "proposed":
         decision = _decision(value.get("decision"), f"events[{i}].decision")
         return {**value, "decision": decision.to_json()}
-    if value["event"] == "verdict":
-        decision = _decision(value.get("decision"), f"events[{i}].decision")
-        try:
-            verdict = Verdict.from_json(value.get("verdict"))
-        except WireFormatError as exc:
-            raise _error(f"events[{i}].verdict", f"events[{i}].verdict: {exc}") from exc
-        return {**value, "decision": decision.to_json(), "verdict": verdict.to_json()}
     return value
 
 
