@@ -12,7 +12,8 @@ Event timeline (automatic optimization, one optimizer), as a pseudocode training
                           and the trainer's optimizer and scheduler; snapshot step 0; wrap
                           the dataloader (`lightning_data`): ledger batches are left out
     for batch in train_dataloader:             # read forward only, never rewound
-        on_train_batch_start      position = the batch's position since the run began
+        on_train_batch_start      position = the batch's position since the run began;
+                                  the batch kept for the forensics probe
         loss = training_step(batch)            # / accumulate_grad_batches (Lightning)
         on_before_backward        add the loss tensor to this step's (no host-device sync)
         loss.backward()
@@ -24,7 +25,8 @@ Event timeline (automatic optimization, one optimizer), as a pseudocode training
                 rollback or halt -> every param.grad = None, acted on at the batch end
         clip gradients, optimizer.step(), lr_scheduler.step()        # Lightning
         on_train_batch_end
-            rollback -> model, optimizer, scheduler, RNG restored from the snapshot ring;
+            rollback -> model, optimizer, scheduler, RNG restored from the snapshot ring
+                        (the suspect batches probed from it: data or state?);
                         the batches consumed since, and ``skip_ahead`` more, go to the ledger
             halt     -> trainer.should_stop = True (the reason is logged)
             ledger   -> (dataloader not wrapped) the scheduler step is undone
@@ -52,6 +54,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from typing import Any
 
 import lightning.pytorch as pl
@@ -62,8 +65,10 @@ from spikewatch.settings import MonitorConfig
 from spikewatch.transport import Transport
 from spikewatch_hooks.adapters import lightning_data
 from spikewatch_hooks.adapters.lightning_data import DataPositions
+from spikewatch_hooks.adapters.lightning_forensics import LightningForensics
 from spikewatch_hooks.adapters.lightning_setup import (
     HeldSchedule,
+    StepLimit,
     check_setup,
     run_length,
     unwrap_optimizer,
@@ -72,6 +77,8 @@ from spikewatch_hooks.core.engine import GuardEngine
 from spikewatch_hooks.core.options import GuardOptions
 from spikewatch_hooks.core.run_length import fit_to_run_length
 from spikewatch_hooks.distributed.lockstep import Lockstep
+from spikewatch_hooks.forensics.evaluate import ProbeLoss
+from spikewatch_hooks.forensics.options import ForensicsOptions
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +101,10 @@ class SpikewatchCallback(pl.Callback):
         token: the service's bearer token (default: ``$SPIKEWATCH_TOKEN``).
         margin: shortcut for ``config.policy.margin`` (roll back at least this many steps
             before the onset).
+        probe_loss, quarantine_file, forensics, probe_cache_batches, probe_cache_bytes:
+            the forensics probe after a rollback (`ForensicsOptions`); ``probe_loss``
+            defaults to the LightningModule's own ``probe_loss(batch)`` method, if it
+            has one, else forensics is off (`lightning_forensics`).
 
     Example:
         >>> callback = SpikewatchCallback(run_id="gpt", snapshot_every=50, margin=100)
@@ -116,30 +127,32 @@ class SpikewatchCallback(pl.Callback):
         monitor_url: str | None = None,
         token: str | None = None,
         margin: int | None = None,
+        probe_loss: ProbeLoss | None = None,
+        quarantine_file: str | os.PathLike[str] | None = None,
+        forensics: bool = True,
+        probe_cache_batches: int = 64,
+        probe_cache_bytes: int = 512 * 2**20,
     ) -> None:
+        self.forensics_options = ForensicsOptions(
+            probe_loss=probe_loss, quarantine_file=quarantine_file, forensics=forensics,
+            probe_cache_batches=probe_cache_batches, probe_cache_bytes=probe_cache_bytes,
+        )  # fmt: skip
         self.options = GuardOptions.build(
-            run_id=run_id,
-            config=config,
-            snapshot_every=snapshot_every,
-            keep_snapshots=keep_snapshots,
-            margin=margin,
-            transport=transport,
-            monitor_url=monitor_url,
-            token=token,
-        )
+            run_id=run_id, config=config, snapshot_every=snapshot_every,
+            keep_snapshots=keep_snapshots, margin=margin, transport=transport,
+            monitor_url=monitor_url, token=token,
+        )  # fmt: skip
         self.run_id, self.config = run_id, self.options.config
         self.engine: GuardEngine | None = None
         self.positions = DataPositions()
         self._wrapped = False  # the training dataloader leaves ledger batches out
         self._position = 0
-        self._next_position = 0  # the batch after the last one started
         self._loss: torch.Tensor | None = None
         self._mode = "none"  # what on_before_optimizer_step decided for this batch
         self._pending: Decision | None = None
         self._held_schedule = HeldSchedule()
-        self._max_steps = -1
-        self._uncounted = 0  # global steps that were not useful steps, over the run
-        self._last = (0, 0)  # (global_step, step_count) when last counted
+        self._limit = StepLimit()
+        self._forensics: LightningForensics | None = None
         self._restored: dict[str, Any] | None = None
 
     # -- read-only views --------------------------------------------------------------
@@ -157,7 +170,8 @@ class SpikewatchCallback(pl.Callback):
     def stats(self) -> dict[str, Any]:
         """Counters: rollbacks, skipped_steps, skipped_batches, incidents, halted, ..."""
         if self.engine is None:
-            return {"rollbacks": 0, "skipped_steps": 0, "skipped_batches": 0, "halted": False}
+            return {"rollbacks": 0, "skipped_steps": 0, "skipped_batches": 0, "halted": False,
+                    "last_verdict": None}  # fmt: skip
         return self.engine.summary()
 
     # -- set-up -----------------------------------------------------------------------
@@ -166,10 +180,7 @@ class SpikewatchCallback(pl.Callback):
         check_setup(trainer, pl_module)
         # Before Lightning restores global_step and checks max_steps (a resumed run that
         # had undone steps would otherwise stop before on_train_start).
-        self._max_steps = trainer.max_steps
-        self._uncounted = int(self._restored["uncounted"]) if self._restored else 0
-        if self._max_steps >= 0:
-            trainer.fit_loop.epoch_loop.max_steps = self._max_steps + self._uncounted
+        self._limit.begin(trainer, int(self._restored["uncounted"]) if self._restored else 0)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Build the engine on the live objects (a checkpoint is restored by now)."""
@@ -182,23 +193,24 @@ class SpikewatchCallback(pl.Callback):
         lockstep = Lockstep() if Lockstep.active() else None
         self.engine = self.options.engine(pl_module, optimizer, scheduler, lockstep=lockstep)
         self.engine.batches_per_step = trainer.accumulate_grad_batches
-        if self._restored is not None:
-            self._resume(self._restored)
+        if self._restored is not None:  # Lightning restored the live objects
+            self.engine.load_guard_state(self._restored["guard"])
+            self.positions.resume(self._restored)
         self._restored = None
-        self._wrapped = lightning_data.install(trainer, self.engine, self.positions)
-        self._last = (trainer.global_step, self.engine.step_count)
+        self._forensics = LightningForensics.start(self.engine, self.forensics_options, pl_module)
+        self._wrapped = lightning_data.install(
+            trainer, self.engine, self.positions, self._forensics
+        )
+        self._limit.mark(trainer, self.engine.step_count)
 
     # -- per batch --------------------------------------------------------------------
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        """Number the batch in the data order."""
-        queue = self.positions.queue
-        if self._wrapped and queue:
-            self._position = queue.popleft()
-        else:  # not wrapped: every batch the dataloader yields reaches training_step
-            self._position = self._next_position
-        self._next_position = self._position + 1
+        """Number the batch in the data order; keep it for the forensics probe."""
+        self._position = self.positions.start_batch(wrapped=self._wrapped)
+        if self._forensics is not None and self._position not in self._engine().ledger:
+            self._forensics.remember(self._position, batch)
 
     def on_before_backward(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
@@ -245,14 +257,15 @@ class SpikewatchCallback(pl.Callback):
             engine.position = self._position
             engine.finish_step()
         engine.clear_found_inf()
-        self._count_uncounted(trainer, engine)
+        self._limit.count(trainer, engine.step_count)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Give the trainer its own ``max_steps`` back (a later ``fit`` starts from it)."""
         if self.engine is not None:
             self.engine.finish()
-        if self._max_steps >= 0:
-            trainer.fit_loop.epoch_loop.max_steps = self._max_steps
+        if self._forensics is not None:
+            self._forensics.stop()
+        self._limit.give_back(trainer)
 
     # -- checkpoints ------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -260,8 +273,9 @@ class SpikewatchCallback(pl.Callback):
         if self.engine is None:
             return {}
         guard = self.engine.guard_state()
-        positions = self.positions.state_dict(self._next_position)
-        return {"batches_seen": self._next_position, "uncounted": self._uncounted,
+        seen = self.positions.started
+        positions = self.positions.state_dict(seen)
+        return {"batches_seen": seen, "uncounted": self._limit.uncounted,
                 "positions": positions, "guard": guard}  # fmt: skip
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -287,24 +301,10 @@ class SpikewatchCallback(pl.Callback):
             return "skip"
         return "step"
 
-    def _count_uncounted(self, trainer: pl.Trainer, engine: GuardEngine) -> None:
-        """Make up for the steps that did not count: max_steps useful ones in the end."""
-        now = (trainer.global_step, engine.step_count)
-        self._uncounted += (now[0] - self._last[0]) - (now[1] - self._last[1])
-        self._last = now
-        if self._max_steps >= 0:
-            trainer.fit_loop.epoch_loop.max_steps = self._max_steps + self._uncounted
-
     def _stop(self, trainer: pl.Trainer, engine: GuardEngine) -> None:
         if not trainer.should_stop:  # the engine has logged the reason and what to try
             log.error("spikewatch stops the Lightning trainer: %s", engine.halt_reason)
         trainer.should_stop = True
-
-    def _resume(self, state: dict[str, Any]) -> None:
-        engine = self._engine()
-        engine.load_guard_state(state["guard"])  # Lightning restored the live objects
-        self._next_position = int(state["batches_seen"])
-        self.positions.restore(state.get("positions", {"next_position": self._next_position}))
 
     def _engine(self) -> GuardEngine:
         if self.engine is None:

@@ -11,6 +11,9 @@ update of a ledger batch, which is then computed. With an unsized dataloader Lig
 fetches one batch ahead: the one batch fetched when a rollback fills the ledger is
 computed and its update dropped the same way.
 
+With forensics (`lightning_forensics`) each batch is read with its dataset indices, its
+quarantined rows dropped, before it is handed on.
+
 Positions count every batch the dataloader yields since the run began, across epochs.
 On a resume from a mid-epoch checkpoint a plain dataloader starts its epoch again from
 its first batch: the batches before the checkpoint are passed over, uncounted, so the
@@ -23,9 +26,12 @@ import logging
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from spikewatch_hooks.core.engine import GuardEngine
+
+if TYPE_CHECKING:
+    from spikewatch_hooks.adapters.lightning_forensics import LightningForensics
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +58,16 @@ class DataPositions:
     resume_at: int = 0
     #: Positions handed to Lightning and not started yet (Lightning may fetch ahead).
     queue: deque[int] = field(default_factory=deque)
+    #: The position after the last batch that reached ``training_step``.
+    started: int = 0
     _resuming: bool = False
+
+    def start_batch(self, *, wrapped: bool) -> int:
+        """A batch reaches ``training_step``: its position (`LedgerLoader` queued it; a
+        dataloader that is not wrapped hands every batch on, in order)."""
+        position = self.queue.popleft() if wrapped and self.queue else self.started
+        self.started = position + 1
+        return position
 
     def start_epoch(self, length: int | None) -> int:
         """A new pass over the dataloader begins: the position of its first batch."""
@@ -69,6 +84,12 @@ class DataPositions:
         self.resume_at = self.cursor = int(state["next_position"])
         self.epoch_start = int(state.get("epoch_start", 0))
         self._resuming = True
+
+    def resume(self, callback_state: dict[str, Any]) -> None:
+        """Continue from the callback's saved `state_dict` (its ``batches_seen`` and
+        ``positions``; an older state has no ``positions``)."""
+        self.started = int(callback_state["batches_seen"])
+        self.restore(callback_state.get("positions", {"next_position": self.started}))
 
     def state_dict(self, next_position: int) -> dict[str, int]:
         """Plain JSON state; ``next_position``: the batch after the last one trained."""
@@ -93,14 +114,21 @@ class LedgerLoader:
         ([10, 11, 14], 5, 2)
     """
 
-    def __init__(self, loader: Any, engine: GuardEngine, positions: DataPositions) -> None:
+    def __init__(
+        self,
+        loader: Any,
+        engine: GuardEngine,
+        positions: DataPositions,
+        forensics: LightningForensics | None = None,
+    ) -> None:
         self.loader, self.engine, self.positions = loader, engine, positions
+        self.forensics = forensics
 
     def __len__(self) -> int:
         return len(self.loader)  # TypeError for an unsized loader, as Lightning expects
 
     def __getattr__(self, name: str) -> Any:
-        if name in ("loader", "engine", "positions"):  # not set yet (copy, unpickle)
+        if name in ("loader", "engine", "positions", "forensics"):  # not set yet (unpickle)
             raise AttributeError(name)
         return getattr(self.loader, name)
 
@@ -111,7 +139,9 @@ class LedgerLoader:
         except TypeError:
             length = None
         positions.start_epoch(length)
-        for batch in self.loader:
+        forensics = self.forensics
+        batches = forensics.indexed(self.loader) if forensics else ((b, None) for b in self.loader)
+        for batch, indices in batches:
             position = positions.cursor
             positions.cursor += 1
             if position < positions.resume_at:
@@ -119,11 +149,19 @@ class LedgerLoader:
             if position in engine.ledger:
                 engine.count("skipped_batches")
                 continue
+            kept = batch if forensics is None else forensics.admit(position, batch, indices)
+            if kept is None:  # every sample quarantined (counted)
+                continue
             positions.queue.append(position)
-            yield batch
+            yield kept
 
 
-def install(trainer: Any, engine: GuardEngine, positions: DataPositions) -> bool:
+def install(
+    trainer: Any,
+    engine: GuardEngine,
+    positions: DataPositions,
+    forensics: LightningForensics | None = None,
+) -> bool:
     """Put `LedgerLoader` around the fit loop's training dataloader; False when this
     Lightning's fit loop does not have the parts it needs (or several loaders)."""
     loop = trainer.fit_loop
@@ -136,7 +174,9 @@ def install(trainer: Any, engine: GuardEngine, positions: DataPositions) -> bool
             "skip ledger will run forward and backward and their update will be dropped"
         )
         return False
-    combined.flattened = [LedgerLoader(flat[0], engine, positions)]
+    if forensics is not None:
+        forensics.watch(flat[0])  # before the fresh iterator below: its pass is recorded
+    combined.flattened = [LedgerLoader(flat[0], engine, positions, forensics)]
     fetcher.setup(combined)
     iter(fetcher)  # a fresh iterator, on the wrapped loader
     return True

@@ -78,3 +78,51 @@ class HeldSchedule:
         engine.scheduler.load_state_dict(state)
         for group, lr in zip(engine.optimizer.param_groups, lrs, strict=True):
             group["lr"] = lr
+
+
+class StepLimit:
+    """The trainer's ``max_steps``, raised by the optimizer steps that were not useful
+    steps (rolled back, or a ledger batch's dropped update): the run ends after
+    ``max_steps`` useful ones. Lightning's ``global_step`` never goes back.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> loop = SimpleNamespace(max_steps=100)
+        >>> trainer = SimpleNamespace(max_steps=100, global_step=0,
+        ...                           fit_loop=SimpleNamespace(epoch_loop=loop))
+        >>> limit = StepLimit()
+        >>> limit.begin(trainer, uncounted=0); limit.mark(trainer, step_count=0)
+        >>> trainer.global_step = 30; limit.count(trainer, step_count=20)  # 10 undone
+        >>> loop.max_steps, limit.uncounted
+        (110, 10)
+    """
+
+    def __init__(self) -> None:
+        self.max_steps = -1  # the trainer's own limit (-1: epochs bound the run)
+        self.uncounted = 0  # global steps that were not useful steps, over the run
+        self._last = (0, 0)  # (global_step, step_count) when last counted
+
+    def begin(self, trainer: Any, uncounted: int) -> None:
+        """Fit start (before Lightning checks a resumed run's global_step against it)."""
+        self.max_steps, self.uncounted = trainer.max_steps, uncounted
+        self._apply(trainer)
+
+    def mark(self, trainer: Any, step_count: int) -> None:
+        """Train start: count from here."""
+        self._last = (trainer.global_step, step_count)
+
+    def count(self, trainer: Any, step_count: int) -> None:
+        """A batch ended: add the global steps that were not useful steps."""
+        now = (trainer.global_step, step_count)
+        self.uncounted += (now[0] - self._last[0]) - (now[1] - self._last[1])
+        self._last = now
+        self._apply(trainer)
+
+    def give_back(self, trainer: Any) -> None:
+        """Train end: the trainer's own limit back (a later ``fit`` starts from it)."""
+        if self.max_steps >= 0:
+            trainer.fit_loop.epoch_loop.max_steps = self.max_steps
+
+    def _apply(self, trainer: Any) -> None:
+        if self.max_steps >= 0:
+            trainer.fit_loop.epoch_loop.max_steps = self.max_steps + self.uncounted

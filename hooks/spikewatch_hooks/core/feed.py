@@ -16,8 +16,8 @@ from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from spikewatch_hooks.forensics.indices import SampleIndices, recording
-from spikewatch_hooks.forensics.rows import drop_rows
+from spikewatch_hooks.forensics.indices import recording
+from spikewatch_hooks.forensics.rows import unquarantined
 
 if TYPE_CHECKING:
     from spikewatch_hooks.core.accumulation import Accumulation
@@ -50,13 +50,11 @@ class BatchFeed:
                 indices = None if seen is None else seen.next_batch()
                 if self.engine.halted:
                     return
-                kept = self._admit(position, batch, indices, seen)
+                kept = self._admit(position, batch, indices)
                 if kept is not None:
                     yield kept
 
-    def _admit(
-        self, position: int, batch: Any, indices: tuple[int, ...] | None, seen: SampleIndices | None
-    ) -> Any:
+    def _admit(self, position: int, batch: Any, indices: tuple[int, ...] | None) -> Any:
         engine = self.engine
         if position < self.resume_position:
             return None
@@ -65,7 +63,7 @@ class BatchFeed:
             return None
         forensics = engine.forensics
         if forensics is not None and indices is not None and forensics.quarantined:
-            batch, indices = self._unquarantined(batch, indices)
+            batch, indices = unquarantined(batch, indices, forensics.quarantined, engine.count)
             if batch is None:
                 return None
         engine.position = position
@@ -73,18 +71,6 @@ class BatchFeed:
         if forensics is not None:
             forensics.remember(engine, batch, indices)
         return batch
-
-    def _unquarantined(self, batch: Any, indices: tuple[int, ...]) -> tuple[Any, Any]:
-        quarantined = self.engine.forensics.quarantined  # type: ignore[union-attr]
-        keep = [i not in quarantined for i in indices]
-        if all(keep):
-            return batch, indices
-        self.engine.count("quarantined_samples_skipped", keep.count(False))
-        kept = drop_rows(batch, keep) if any(keep) else None
-        if kept is None:
-            self.engine.count("quarantined_batches_skipped")
-            return None, None
-        return kept, tuple(i for i, k in zip(indices, keep, strict=True) if k)
 
     def accept(self, position: int) -> bool:
         """Whether to train on the batch at ``position`` (see `SpikeGuard.accept`)."""

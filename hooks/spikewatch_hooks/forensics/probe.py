@@ -68,9 +68,18 @@ class Forensics:
         self.forward_passes = 0  # what probing cost this run (in `guard.stats`)
         self.seconds = 0.0
 
-    def remember(self, engine: GuardEngine, batch: Any, indices: tuple[int, ...] | None) -> None:
-        """Keep the batch at the engine's current position (about to be trained on)."""
-        self.cache.remember(engine.position, step=engine.step_count, batch=batch, indices=indices)
+    def remember(
+        self,
+        engine: GuardEngine,
+        batch: Any,
+        indices: tuple[int, ...] | None,
+        *,
+        position: int | None = None,
+    ) -> None:
+        """Keep the batch about to be trained on at the engine's step, at data
+        ``position`` (default: the engine's current one)."""
+        where = engine.position if position is None else position
+        self.cache.remember(where, step=engine.step_count, batch=batch, indices=indices)
 
     def after_restore(
         self, engine: GuardEngine, decision: Decision, restored_step: int

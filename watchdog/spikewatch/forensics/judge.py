@@ -3,13 +3,19 @@
 The reference batches set what "ordinary" is from the restored state: their median
 loss, a robust spread (1.4826 x MAD, floored at 1 % of the median so that a handful of
 near-identical references does not make every wobble an outlier) and their largest
-value. A suspect batch or sample is an outlier only when it is far (``*_z`` spreads)
-and large (``*_ratio`` x the median) above it, and above every reference: a data
-problem the restored state finds hard. Per-sample losses are heavy-tailed (a squared
-error is chi-square distributed), so for samples the distance is measured on the log
-of the loss when every reference is positive: a sample must then be ``sample_z``
-spreads of log-loss above the median, which a cross-entropy's narrow spread makes a
-small factor and a squared error's wide one a large factor.
+value. A suspect batch is an outlier when it is far (``batch_z`` spreads) and large
+(``batch_ratio`` x the median) above them, and above every reference: a data problem
+the restored state finds hard.
+
+Per-sample losses are heavy-tailed (a squared error is chi-square distributed; a
+classifier on noisily labelled data pays 10x the median on 1 sample in 10), so samples
+are measured on the log of the loss when every reference is positive (``sample_z``
+spreads of log-loss: a small factor for a cross-entropy's narrow spread, a large one
+for a squared error's wide one), and judged against the reference samples' own
+record: where ordinary samples pass that test too, a suspect sample says nothing by
+passing it, so the suspect batches must hold clearly more such samples than the
+reference rate predicts (3 Poisson sigmas above it). Only samples beyond the highest
+reference loss are named.
 """
 
 from __future__ import annotations
@@ -57,10 +63,11 @@ class _Scale:
         floor = _SPREAD_FLOOR * (1.0 if log else abs(med))
         return cls(med, max(_MAD_TO_SIGMA * mad, floor, 1e-12), max(finite), log)
 
-    def outlier(self, value: float, ratio: float, z: float) -> bool:
+    def outlier(self, value: float, ratio: float, z: float, *, beyond: bool = True) -> bool:
+        """Far and large above the median (and, with ``beyond``, above every reference)."""
         if not math.isfinite(value):
             return True  # a non-finite loss from the healthy state: the input did it
-        if value < self.median * ratio or value <= self.largest:
+        if value < self.median * ratio or (beyond and value <= self.largest):
             return False
         distance = math.log(value / self.median) if self.log else value - self.median
         return distance / self.spread >= z
@@ -108,7 +115,7 @@ def judge(
     outliers = [
         b.position for b in suspect if batches.outlier(b.loss, config.batch_ratio, config.batch_z)
     ]
-    named = [] if samples is None else _outlying_samples(suspect, samples, config)
+    named = [] if samples is None else _outlying_samples(suspect, ref_samples, samples, config)
     suspect_loss = statistics.median([b.loss for b in suspect])
     worst = max(b.loss for b in suspect)
     numbers = (
@@ -146,11 +153,42 @@ def judge(
 
 
 def _outlying_samples(
-    suspect: Sequence[BatchLoss], scale: _Scale, config: ForensicsConfig
+    suspect: Sequence[BatchLoss],
+    reference: Sequence[float],
+    scale: _Scale,
+    config: ForensicsConfig,
 ) -> list[dict[str, object]]:
-    return [
+    """The suspect samples that stand out (module docstring: the reference's record).
+
+    Example:
+        >>> cfg = ForensicsConfig()
+        >>> light = [2.0 + 0.01 * (i % 5) for i in range(40)]  # no reference sample passes
+        >>> bad = [BatchLoss(9, 3.0, [(1, 2.02), (2, 7.5)])]
+        >>> [s["index"] for s in _outlying_samples(bad, light, _Scale.of(light), cfg)]
+        [2]
+        >>> heavy = light[:36] + [9.0, 12.0, 15.0, 20.0]  # 1 in 10 passes: ordinary
+        >>> _outlying_samples(bad, heavy, _Scale.of(heavy), cfg)
+        []
+    """
+
+    def passes(loss: float) -> bool:  # not "beyond every reference": that is for naming
+        return scale.outlier(loss, config.sample_ratio, config.sample_z, beyond=False)
+
+    found: list[dict[str, object]] = [
         {"position": b.position, "index": index, "loss": loss}
         for b in suspect
         for index, loss in b.samples
-        if scale.outlier(loss, config.sample_ratio, config.sample_z)
+        if passes(loss)
     ]
+    ordinary = sum(passes(v) for v in reference)
+    if ordinary and found:
+        total = sum(len(b.samples) for b in suspect)
+        expected = ordinary / len(reference) * total
+        if len(found) < expected + 3.0 * math.sqrt(expected) + 1.0:
+            return []  # no more than ordinary samples would give
+    return [s for s in found if not _loss(s) <= scale.largest]  # NaN: named (the input did it)
+
+
+def _loss(sample: dict[str, object]) -> float:
+    loss = sample["loss"]
+    return float(loss) if isinstance(loss, int | float) else math.nan

@@ -14,12 +14,14 @@ transformers 5.x, and what the callback does at each event::
                             the guard's state from the checkpoint's trainer_state.json
     for each optimizer step:
         get_batch_samples   (tapped) the step's batches, numbered; ledger positions are
-                            dropped here: no forward, no backward, no step for them
+                            dropped here: no forward, no backward, no step for them;
+                            the others kept for the forensics probe (`hf.forensics`)
         training_step x GA  (tapped) the micro-batch losses are summed on the device
         clip_grad_norm_     (tapped) the pre-clip norm, on the device
         on_pre_optimizer_step   loss and grad norm go to the engine (no host read): skip
                             -> every ``.grad = None`` (the optimizer leaves those params
-                            and their state alone); rollback -> restore the snapshot now
+                            and their state alone); rollback -> restore the snapshot now,
+                            probe the suspect batches from it: data or state?
         optimizer.step(); lr_scheduler.step(); zero_grad(); global_step += 1
         on_step_end         a rolled-back step: undo that scheduler step; otherwise count
                             the step (snapshot when due); a checkpoint is due -> the
@@ -40,7 +42,8 @@ that much short (a warning says so).
 from __future__ import annotations
 
 import logging
-from typing import Any, cast
+import os
+from typing import Any
 
 import torch
 from transformers import (
@@ -54,18 +57,16 @@ from transformers import (
 from spikewatch.errors import SpikewatchError
 from spikewatch.settings import MonitorConfig
 from spikewatch.transport import Transport
-from spikewatch_hooks.adapters.hf.live import calling_trainer, live_objects, loader_length
-from spikewatch_hooks.adapters.hf.resume import (
-    STATE_KEY,
-    checkpoint_state,
-    resumed_position,
-    saved_state,
-)
+from spikewatch_hooks.adapters.hf.forensics import TrainerForensics
+from spikewatch_hooks.adapters.hf.live import calling_trainer, live_objects
+from spikewatch_hooks.adapters.hf.resume import resume_guard, store_state
 from spikewatch_hooks.adapters.hf.taps import TrainerTaps
 from spikewatch_hooks.core.engine import GuardEngine
 from spikewatch_hooks.core.options import GuardOptions
 from spikewatch_hooks.core.run_length import fit_to_run_length
 from spikewatch_hooks.distributed.lockstep import Lockstep
+from spikewatch_hooks.forensics.evaluate import ProbeLoss
+from spikewatch_hooks.forensics.options import ForensicsOptions
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,10 @@ class SpikewatchCallback(TrainerCallback):
         monitor_url: send records to a `spikewatch serve` at this URL instead (its
             decisions come back as commands, applied at the next step boundary).
         token: the service's bearer token (default: ``$SPIKEWATCH_TOKEN``).
+        probe_loss, quarantine_file, forensics, probe_cache_batches, probe_cache_bytes:
+            the forensics probe after a rollback (`ForensicsOptions`, `hf.forensics`);
+            ``probe_loss`` defaults to one derived from the model's head (causal LM,
+            sequence classification: `hf.probe_loss`).
 
     Example:
         >>> SpikewatchCallback(run_id="gpt", margin=20).options.config.policy.margin
@@ -108,7 +113,16 @@ class SpikewatchCallback(TrainerCallback):
         transport: Transport | None = None,
         monitor_url: str | None = None,
         token: str | None = None,
+        probe_loss: ProbeLoss | None = None,
+        quarantine_file: str | os.PathLike[str] | None = None,
+        forensics: bool = True,
+        probe_cache_batches: int = 64,
+        probe_cache_bytes: int = 512 * 2**20,
     ) -> None:
+        self.forensics_options = ForensicsOptions(
+            probe_loss=probe_loss, quarantine_file=quarantine_file, forensics=forensics,
+            probe_cache_batches=probe_cache_batches, probe_cache_bytes=probe_cache_bytes,
+        )  # fmt: skip
         self.options = GuardOptions.build(
             run_id=run_id,
             config=config,
@@ -122,6 +136,7 @@ class SpikewatchCallback(TrainerCallback):
         self.run_id, self.config = run_id, self.options.config
         self._engine: GuardEngine | None = None
         self._taps: TrainerTaps | None = None
+        self._forensics: TrainerForensics | None = None
         self._trainer: Trainer | None = None
         self._params: list[torch.Tensor] = []
         self._accumulation = 1
@@ -182,10 +197,19 @@ class SpikewatchCallback(TrainerCallback):
         if self._taps is not None:
             self._taps.detach()
         self._taps = TrainerTaps(self._engine.ledger)
-        self._taps.attach(self._trainer or calling_trainer())
+        trainer = self._trainer or calling_trainer()
+        self._taps.attach(trainer)
+        self._forensics = TrainerForensics.start(
+            self._engine, self.forensics_options, trainer=trainer, taps=self._taps,
+            train_dataloader=kwargs.get("train_dataloader"), resumed=state.global_step > 0,
+        )  # fmt: skip
         self._target = state.max_steps - state.global_step
         if state.global_step > 0:
-            self._resume(args, state, kwargs.get("train_dataloader"))
+            target = resume_guard(
+                self._engine, self._taps, args=args, state=state,
+                loader=kwargs.get("train_dataloader"), accumulation=self._accumulation,
+            )  # fmt: skip
+            self._target = self._target if target is None else target
 
     def on_pre_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -229,7 +253,7 @@ class SpikewatchCallback(TrainerCallback):
             engine.finish_step()
         self._outcome = "none"
         if control.should_save:
-            self._save_state(state)
+            store_state(state, self.engine, target=self._target, taps=self._tapped())
 
     def on_epoch_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -244,7 +268,7 @@ class SpikewatchCallback(TrainerCallback):
             taps.start_step()
             taps.unstepped = False
         if control.should_save:
-            self._save_state(state)
+            store_state(state, self.engine, target=self._target, taps=self._tapped())
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -254,6 +278,8 @@ class SpikewatchCallback(TrainerCallback):
         engine.finish()
         if self._taps is not None:
             self._taps.detach()
+        if self._forensics is not None:
+            self._forensics.stop()
         short = self._target - engine.step_count
         if short > 0 and not engine.halted:
             log.warning(
@@ -278,36 +304,3 @@ class SpikewatchCallback(TrainerCallback):
             self._saved_lr = (scheduler.state_dict(), lrs)
         # global_step will count this step too; the surviving branch owes the rest.
         state.max_steps = state.global_step + 1 + self._target - engine.step_count
-
-    def _save_state(self, state: TrainerState) -> None:
-        taps = self._tapped()
-        guard = self.engine.guard_state()
-        payload = checkpoint_state(guard, target=self._target, next_position=taps.next_position)
-        # After __post_init__ the field holds a dict of states (its annotation says list).
-        stored = cast(dict[str, Any], state.stateful_callbacks)
-        stored[STATE_KEY] = payload
-
-    def _resume(self, args: TrainingArguments, state: TrainerState, loader: Any) -> None:
-        """Continue the guard where the checkpoint left it (positions, ledger, owed steps)."""
-        engine, taps = self.engine, self._tapped()
-        length = loader_length(loader)
-        start = resumed_position(
-            global_step=state.global_step, accumulation=self._accumulation,
-            loader_length=length, max_steps=int(args.max_steps),
-            ignore_data_skip=bool(args.ignore_data_skip),
-        )  # fmt: skip
-        taps.next_position = start
-        saved = saved_state(state.stateful_callbacks)
-        if saved is None:
-            log.warning(
-                "spikewatch: resumed at step %d from a checkpoint without spikewatch state "
-                "(saved without the callback?): the skip ledger starts empty",
-                state.global_step,
-            )
-            return
-        engine.load_guard_state(saved["guard"])
-        self._target = int(saved["target"])
-        # Ledger batches dropped before the checkpoint still count in the Trainer's
-        # arithmetic: the loader restarts that many batches early; drop them unseen.
-        taps.discard = max(int(saved["next_position"]) - start, 0)
-        state.max_steps = state.global_step + self._target - engine.step_count

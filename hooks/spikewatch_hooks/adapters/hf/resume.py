@@ -11,9 +11,19 @@ default options) leaves it alone.
 
 from __future__ import annotations
 
-from typing import Any, cast
+import logging
+from typing import TYPE_CHECKING, Any, cast
 
+from spikewatch_hooks.adapters.hf.live import loader_length
 from spikewatch_hooks.state.checkpoint import CheckpointError
+
+if TYPE_CHECKING:
+    from transformers import TrainerState, TrainingArguments
+
+    from spikewatch_hooks.adapters.hf.taps import TrainerTaps
+    from spikewatch_hooks.core.engine import GuardEngine
+
+log = logging.getLogger("spikewatch_hooks.adapters.hf.callback")
 
 STATE_KEY = "spikewatch"
 STATE_VERSION = 1
@@ -87,3 +97,50 @@ def resumed_position(
     epochs, steps_in_epoch = divmod(global_step, per_epoch)
     skipped = 0 if ignore_data_skip else steps_in_epoch * accumulation
     return epochs * epoch_length + skipped
+
+
+def resume_guard(
+    engine: GuardEngine,
+    taps: TrainerTaps,
+    *,
+    args: TrainingArguments,
+    state: TrainerState,
+    loader: Any,
+    accumulation: int,
+) -> int | None:
+    """Continue the guard where the checkpoint left it (positions, ledger, owed steps);
+    return the steps owed on the surviving branch (None: the checkpoint has no state)."""
+    start = resumed_position(
+        global_step=state.global_step, accumulation=accumulation,
+        loader_length=loader_length(loader), max_steps=int(args.max_steps),
+        ignore_data_skip=bool(args.ignore_data_skip),
+    )  # fmt: skip
+    taps.next_position = start
+    saved = saved_state(state.stateful_callbacks)
+    if saved is None:
+        log.warning(
+            "spikewatch: resumed at step %d from a checkpoint without spikewatch state "
+            "(saved without the callback?): the skip ledger starts empty",
+            state.global_step,
+        )
+        return None
+    engine.load_guard_state(saved["guard"])
+    target = int(saved["target"])
+    # Ledger batches dropped before the checkpoint still count in the Trainer's
+    # arithmetic: the loader restarts that many batches early; drop them unseen.
+    taps.discard = max(int(saved["next_position"]) - start, 0)
+    state.max_steps = state.global_step + target - engine.step_count
+    return target
+
+
+def store_state(
+    state: TrainerState, engine: GuardEngine, *, target: int, taps: TrainerTaps
+) -> None:
+    """Put the guard's state in ``state`` (a checkpoint is due: it goes into its
+    ``trainer_state.json``)."""
+    payload = checkpoint_state(
+        engine.guard_state(), target=target, next_position=taps.next_position
+    )
+    # After __post_init__ the field holds a dict of states (its annotation says list).
+    stored = cast(dict[str, Any], state.stateful_callbacks)
+    stored[STATE_KEY] = payload

@@ -8,7 +8,9 @@ every other Trainer stay untouched) and put the originals back at train end:
 
 - ``get_batch_samples``: the batches of one optimizer step come through a filter that
   numbers every batch the loader yields (its absolute data position) and drops the
-  ones in the skip ledger, so they never reach forward or backward;
+  ones in the skip ledger, so they never reach forward or backward; with forensics
+  (`hf.forensics`) each batch let through is handed to ``admit`` with its dataset
+  indices (``samples``), to be kept for the probe, its quarantined rows dropped;
 - ``training_step``: its return value (the micro-batch loss, detached, already scaled
   for gradient accumulation as the Trainer logs it) is summed over the step;
 - ``_get_grad_norm``: its return value is the pre-clip norm the Trainer already
@@ -26,7 +28,11 @@ from typing import Any
 import torch
 
 from spikewatch_hooks.core.values import Number
+from spikewatch_hooks.forensics.indices import SampleIndices
 from spikewatch_hooks.state.ledger import SkipLedger
+
+#: ``admit(position, batch, indices)``: the batch to train on, or None to pass it over.
+Admit = Callable[[int, Any, "tuple[int, ...] | None"], Any]
 
 log = logging.getLogger("spikewatch_hooks")
 
@@ -55,6 +61,8 @@ class TrainerTaps:
         self.grad_norm: Number | None = None
         self.unstepped = False  # micro-batches computed since the last optimizer step
         self.has_grad_norm = True
+        self.samples: SampleIndices | None = None  # the loader's dataset indices, if known
+        self.admit: Admit | None = None  # forensics: keep the batch, drop quarantined rows
         self._trainer: Any = None
 
     def filter(self, batches: Iterator[Any]) -> Iterator[Any]:
@@ -137,11 +145,18 @@ class _LedgerFilter:
             batch = next(self._batches)  # StopIteration ends the epoch, as without us
             position = taps.next_position
             taps.next_position += 1
+            # Read for every batch the loader yields, dropped or not: the n-th batch
+            # holds the n-th index list drawn.
+            indices = None if taps.samples is None else taps.samples.next_batch()
             if taps.discard > 0:
                 taps.discard -= 1
                 continue
             if position in taps.ledger:
                 taps.passed_over += 1
                 continue
+            if taps.admit is not None:
+                batch = taps.admit(position, batch, indices)
+                if batch is None:  # every sample quarantined: passed over (counted)
+                    continue
             taps.positions.append(position)
             return batch
