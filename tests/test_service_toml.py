@@ -7,6 +7,7 @@ import re
 import sys
 from pathlib import Path
 
+from spikewatch.forensics.verdict import ForensicsConfig
 from spikewatch.policy import PolicyConfig
 from spikewatch.service.config import ServiceConfig
 from spikewatch.settings import MonitorConfig
@@ -26,9 +27,9 @@ def test_the_shipped_config_loads_to_the_defaults() -> None:
 
 def test_every_setting_is_in_the_shipped_config_with_a_comment() -> None:
     text = FILE.read_text()
-    for cls in (ServiceConfig, MonitorConfig, PolicyConfig, SlackSettings):
+    for cls in (ServiceConfig, MonitorConfig, PolicyConfig, ForensicsConfig, SlackSettings):
         for f in dataclasses.fields(cls):
-            if f.name in ("monitor", "slack", "policy", "enabled"):
+            if f.name in ("monitor", "slack", "policy", "forensics", "enabled"):
                 continue
             line = re.search(rf"^#? ?{f.name} = .*$", text, flags=re.MULTILINE)
             assert line is not None, f"{cls.__name__}.{f.name} is missing from {FILE.name}"
