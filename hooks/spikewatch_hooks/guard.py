@@ -33,7 +33,7 @@ from spikewatch_hooks.core.options import GuardOptions
 from spikewatch_hooks.core.run_length import fit_to_run_length
 from spikewatch_hooks.distributed.lockstep import Lockstep
 from spikewatch_hooks.forensics.evaluate import ProbeLoss
-from spikewatch_hooks.forensics.probe import make_forensics
+from spikewatch_hooks.forensics.options import ForensicsOptions
 from spikewatch_hooks.state.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from spikewatch_hooks.state.deep import DiskCheckpoints
 
@@ -159,6 +159,10 @@ class SpikeGuard:
             checkpoint_every=checkpoint_every,
             checkpoint_dir=checkpoint_dir,
         )
+        forensics = ForensicsOptions(  # validated before the engine takes its snapshot
+            probe_loss=probe_loss, quarantine_file=quarantine_file,
+            probe_cache_batches=probe_cache_batches, probe_cache_bytes=probe_cache_bytes,
+        )  # fmt: skip
         lockstep = None
         if distributed or (distributed is None and Lockstep.active()):
             lockstep = Lockstep()
@@ -195,9 +199,7 @@ class SpikeGuard:
         self.checkpoint_dir = checkpoint_dir
         self.checkpoint_every = checkpoint_every
         self.engine.batches_per_step = self.accumulation.batches_per_step
-        self.engine.forensics = make_forensics(
-            self.engine, probe_loss, quarantine_file, probe_cache_batches, probe_cache_bytes
-        )
+        self.engine.forensics = forensics.build(self.engine, probe_loss)
         self.feed = BatchFeed(self.engine, self.accumulation)
 
     def __repr__(self) -> str:

@@ -32,7 +32,6 @@ from spikewatch_hooks.forensics import indices
 from spikewatch_hooks.forensics.indices import SampleIndices
 from spikewatch_hooks.forensics.options import ForensicsOptions
 from spikewatch_hooks.forensics.probe import Forensics
-from spikewatch_hooks.forensics.rows import unquarantined
 
 log = logging.getLogger("spikewatch_hooks")
 
@@ -106,13 +105,9 @@ class LightningForensics:
 
     def admit(self, position: int, batch: Any, sample_indices: tuple[int, ...] | None) -> Any:
         """The batch at ``position`` without its quarantined rows (None: skip it whole)."""
-        forensics = self.forensics
-        if sample_indices is not None and forensics.quarantined:
-            batch, sample_indices = unquarantined(
-                batch, sample_indices, forensics.quarantined, self.engine.count
-            )
-            if batch is None:
-                return None
+        batch, sample_indices = self.forensics.unquarantined(self.engine, batch, sample_indices)
+        if batch is None:
+            return None
         self._pending[position] = sample_indices
         return batch
 

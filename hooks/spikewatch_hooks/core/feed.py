@@ -17,7 +17,6 @@ from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from spikewatch_hooks.forensics.indices import recording
-from spikewatch_hooks.forensics.rows import unquarantined
 
 if TYPE_CHECKING:
     from spikewatch_hooks.core.accumulation import Accumulation
@@ -62,8 +61,8 @@ class BatchFeed:
             engine.count("skipped_batches")
             return None
         forensics = engine.forensics
-        if forensics is not None and indices is not None and forensics.quarantined:
-            batch, indices = unquarantined(batch, indices, forensics.quarantined, engine.count)
+        if forensics is not None:
+            batch, indices = forensics.unquarantined(engine, batch, indices)
             if batch is None:
                 return None
         engine.position = position

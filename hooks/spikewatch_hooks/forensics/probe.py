@@ -18,7 +18,6 @@ import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from spikewatch.errors import bad_value
 from spikewatch.forensics.judge import judge
 from spikewatch.forensics.quarantine import append, entries_of, quarantined_indices
 from spikewatch.forensics.verdict import ForensicsConfig, Verdict
@@ -31,6 +30,7 @@ from spikewatch_hooks.forensics.evaluate import (
     combine,
     evaluate,
 )
+from spikewatch_hooks.forensics.rows import unquarantined
 
 if TYPE_CHECKING:
     from spikewatch_hooks.core.engine import GuardEngine
@@ -80,6 +80,15 @@ class Forensics:
         ``position`` (default: the engine's current one)."""
         where = engine.position if position is None else position
         self.cache.remember(where, step=engine.step_count, batch=batch, indices=indices)
+
+    def unquarantined(
+        self, engine: GuardEngine, batch: Any, indices: tuple[int, ...] | None
+    ) -> tuple[Any, tuple[int, ...] | None]:
+        """``batch`` without its quarantined samples (`rows.unquarantined`, counted);
+        ``(None, None)``: skip it whole. Unchanged when its indices are unknown."""
+        if indices is None or not self.quarantined:
+            return batch, indices
+        return unquarantined(batch, indices, self.quarantined, engine.count)
 
     def after_restore(
         self, engine: GuardEngine, decision: Decision, restored_step: int
@@ -189,8 +198,6 @@ def make_forensics(
     cache = BatchCache(cache_batches, cache_bytes)  # validates the caps either way
     if probe_loss is None and quarantine_file is None:
         return None
-    if probe_loss is not None and not callable(probe_loss):
-        raise bad_value("probe_loss", probe_loss, "pass a function (model, batch) -> loss tensor")
     return Forensics(
         probe_loss or _no_probe_loss,
         engine.config.forensics,

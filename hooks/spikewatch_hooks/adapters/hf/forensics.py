@@ -35,7 +35,6 @@ from spikewatch_hooks.forensics import indices
 from spikewatch_hooks.forensics.indices import SampleIndices
 from spikewatch_hooks.forensics.options import ForensicsOptions
 from spikewatch_hooks.forensics.probe import Forensics
-from spikewatch_hooks.forensics.rows import unquarantined
 
 if TYPE_CHECKING:
     from spikewatch_hooks.adapters.hf.taps import TrainerTaps
@@ -93,12 +92,9 @@ class TrainerForensics:
     def admit(self, position: int, batch: Any, sample_indices: tuple[int, ...] | None) -> Any:
         """The batch at ``position`` as it is to be trained on (None: skip it whole)."""
         forensics, engine = self.forensics, self.engine
-        if sample_indices is not None and forensics.quarantined:
-            batch, sample_indices = unquarantined(
-                batch, sample_indices, forensics.quarantined, engine.count
-            )
-            if batch is None:
-                return None
+        batch, sample_indices = forensics.unquarantined(engine, batch, sample_indices)
+        if batch is None:
+            return None
         kept = copy.copy(batch) if isinstance(batch, dict | UserDict) else batch
         forensics.remember(engine, kept, sample_indices, position=position)
         return batch
